@@ -1,0 +1,77 @@
+// Package testutil holds helpers shared by the project's tests: finding the
+// reference tools (e2fsck, qemu-img, nix-store, ...) and deciding whether a
+// test that lacks one may skip.
+//
+// On a laptop a missing tool skips the test. In CI (.ci/run sets
+// NIXVM_TEST_DISALLOW_SKIP=1, and CI=true is honoured too) a missing tool is a
+// failure, so a green CI run means every reference check really ran.
+package testutil
+
+import (
+	"os"
+	"os/exec"
+	"testing"
+)
+
+// SkipDisallowed reports whether skips must become failures.
+func SkipDisallowed() bool {
+	return os.Getenv("NIXVM_TEST_DISALLOW_SKIP") != "" || os.Getenv("CI") == "true"
+}
+
+// Skip skips the test with the given reason, or fails it when skips are
+// disallowed.
+func Skip(t testing.TB, format string, args ...any) {
+	t.Helper()
+	if SkipDisallowed() {
+		t.Fatalf("would skip, but skips are disallowed here (NIXVM_TEST_DISALLOW_SKIP/CI): "+format, args...)
+	}
+	t.Skipf(format, args...)
+}
+
+// NeedTool returns the absolute path of each named program, skipping (or
+// failing, in CI) the test when one is missing. Programs in /sbin and
+// /usr/sbin are found even when those are not on PATH.
+func NeedTool(t testing.TB, names ...string) []string {
+	t.Helper()
+	var paths []string
+	for _, n := range names {
+		p, err := LookTool(n)
+		if err != nil {
+			Skip(t, "%s not found: install it (make test installs every test dependency)", n)
+		}
+		paths = append(paths, p)
+	}
+	return paths
+}
+
+// LookTool finds a program on PATH or in the sbin directories.
+func LookTool(name string) (string, error) {
+	if p, err := exec.LookPath(name); err == nil {
+		return p, nil
+	}
+	for _, dir := range []string{"/usr/sbin", "/sbin", "/usr/local/sbin"} {
+		p := dir + "/" + name
+		if fi, err := os.Stat(p); err == nil && fi.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return exec.LookPath(name)
+}
+
+// NeedRoot skips (or fails, in CI) a test that needs root, e.g. for loop
+// devices and mounts.
+func NeedRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		Skip(t, "needs root (loop devices, mount)")
+	}
+}
+
+// Short skips a slow test under -short. This is not a missing dependency, so it
+// skips in CI too; CI does not pass -short.
+func Short(t testing.TB) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("slow; skipped with -short")
+	}
+}
