@@ -1,0 +1,21 @@
+// Command nixvm-image builds deterministic NixOS disk images from Nix
+// closures, pushes them to libvirt/KVM hosts sending only the blocks a host
+// lacks, and provisions guest disks from them.
+//
+// main only parses and exits; each subcommand lives in its own file as an
+// options struct with AddFlags and a run function (see build.go).
+package main
+
+import (
+	"context"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := Context{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Args: os.Args[1:]}.Execute(ctx)
+	stop()
+	os.Exit(code)
+}
