@@ -3,6 +3,7 @@ package qcow
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -478,4 +479,29 @@ func (m *memFile) ReadAt(p []byte, off int64) (int, error) {
 		return n, io.EOF
 	}
 	return n, nil
+}
+
+func newRand(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, seed)) }
+
+// TestQemuCheckCatchesBadRefcount makes sure the oracle can fail: an image
+// whose header cluster has refcount 0 must be rejected by qemu-img check.
+func TestQemuCheckCatchesBadRefcount(t *testing.T) {
+	testutil.NeedTool(t, "qemu-img")
+	var m memFile
+	writeImage(t, &m, pattern(newRand(5), 2<<20, 1<<16), Options{}, newRand(6))
+	refTable := int64(binary.BigEndian.Uint64(m.b[48:]))
+	block := int64(binary.BigEndian.Uint64(m.b[refTable:]))
+	if got := binary.BigEndian.Uint16(m.b[block:]); got != 1 {
+		t.Fatalf("header refcount: got %d, want 1", got)
+	}
+	binary.BigEndian.PutUint16(m.b[block:], 0)
+	img := filepath.Join(t.TempDir(), "bad.qcow2")
+	if err := os.WriteFile(img, m.b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := testutil.NeedTool(t, "qemu-img")[0]
+	out, err := exec.Command(p, "check", img).CombinedOutput()
+	if err == nil {
+		t.Fatalf("qemu-img check accepted an image with a zero header refcount:\n%s", out)
+	}
 }
