@@ -1,0 +1,285 @@
+package push
+
+import (
+	"encoding/binary"
+	"fmt"
+	"strings"
+)
+
+// hello opens a session.
+type hello struct {
+	Version     uint64
+	Op          uint64
+	Name        string
+	Digest      [32]byte
+	VirtualSize int64
+	Link        string
+}
+
+func (h *hello) encode(e *enc) *enc {
+	e.reset().u(h.Version).u(h.Op).str(h.Name).raw(h.Digest[:]).u(uint64(h.VirtualSize)).str(h.Link)
+	return e
+}
+
+func decodeHello(p []byte) (*hello, error) {
+	d := &dec{b: p}
+	h := &hello{}
+	h.Version = d.u()
+	if d.err == nil && h.Version != Version {
+		// Everything after the version may differ between versions.
+		return h, fmt.Errorf("%w: peer speaks version %d, this nixvm-image speaks version %d; install the same nixvm-image release on both ends", ErrVersion, h.Version, Version)
+	}
+	h.Op = d.u()
+	h.Name = d.str("name", maxName)
+	copy(h.Digest[:], d.raw(32))
+	h.VirtualSize = int64(d.ub("virtual size", maxVirtualSize))
+	h.Link = d.str("link", maxPath)
+	if err := d.done(); err != nil {
+		return nil, err
+	}
+	if h.Op != opPush && h.Op != opList {
+		return nil, protoErr("unknown operation %d", h.Op)
+	}
+	if h.Op == opPush {
+		if err := ValidName(h.Name); err != nil {
+			return nil, err
+		}
+		if h.VirtualSize <= 0 {
+			return nil, protoErr("virtual size %d is not positive", h.VirtualSize)
+		}
+		if h.Link != "" && !strings.HasPrefix(h.Link, "/") {
+			return nil, protoErr("link %q is not an absolute path", h.Link)
+		}
+	} else if h.Name != "" {
+		if err := ValidName(h.Name); err != nil {
+			return nil, err
+		}
+	}
+	return h, nil
+}
+
+// ValidName checks an image name: 1 to 64 bytes of [A-Za-z0-9._-], not
+// starting with a dot, so it is one path element and never a hidden file.
+func ValidName(name string) error {
+	if name == "" || len(name) > maxName {
+		return fmt.Errorf("%w: image name %q must be 1 to %d characters", ErrName, name, maxName)
+	}
+	if name[0] == '.' {
+		return fmt.Errorf("%w: image name %q must not start with a dot", ErrName, name)
+	}
+	for _, c := range []byte(name) {
+		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-'
+		if !ok {
+			return fmt.Errorf("%w: image name %q may hold only letters, digits, '.', '_' and '-'", ErrName, name)
+		}
+	}
+	return nil
+}
+
+// Generation is one immutable image a host holds.
+type Generation struct {
+	Name        string
+	Digest      [32]byte
+	VirtualSize int64
+	Current     bool
+	Path        string // on the host; set by Store.List
+}
+
+// reply answers a hello.
+type reply struct {
+	Version uint64
+	Err     string
+	Gens    []Generation // for opPush: the named image's generations
+	Have    bool         // the host already holds the digest
+	Resume  int64        // first block the host still needs
+	Index   bool         // index frames follow
+}
+
+func (r *reply) encode(e *enc) *enc {
+	e.reset().u(r.Version).str(r.Err).u(uint64(len(r.Gens)))
+	for _, g := range r.Gens {
+		e.str(g.Name).raw(g.Digest[:]).u(uint64(g.VirtualSize)).u(b2u(g.Current))
+	}
+	e.u(b2u(r.Have)).u(uint64(r.Resume)).u(b2u(r.Index))
+	return e
+}
+
+func decodeReply(p []byte) (*reply, error) {
+	d := &dec{b: p}
+	r := &reply{}
+	r.Version = d.u()
+	if d.err == nil && r.Version != Version {
+		return nil, fmt.Errorf("%w: host speaks version %d, this nixvm-image speaks version %d; install the same nixvm-image release on both ends", ErrVersion, r.Version, Version)
+	}
+	r.Err = d.str("error", maxMessage)
+	n := d.ub("generation count", maxGenerations)
+	for i := uint64(0); i < n && d.err == nil; i++ {
+		var g Generation
+		g.Name = d.str("name", maxName)
+		copy(g.Digest[:], d.raw(32))
+		g.VirtualSize = int64(d.ub("virtual size", maxVirtualSize))
+		g.Current = d.ub("current", 1) == 1
+		r.Gens = append(r.Gens, g)
+	}
+	r.Have = d.ub("have", 1) == 1
+	r.Resume = int64(d.ub("resume", maxBlocks))
+	r.Index = d.ub("index", 1) == 1
+	return r, d.done()
+}
+
+func b2u(b bool) uint64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// indexEntry says a generation holds a block whose hash starts with Prefix.
+type indexEntry struct {
+	Block  int64
+	Prefix uint64
+}
+
+func encodeIndex(e *enc, gen int, ents []indexEntry) *enc {
+	e.reset().u(uint64(gen)).u(uint64(len(ents)))
+	prev := int64(0)
+	for _, x := range ents {
+		e.u(uint64(x.Block - prev))
+		prev = x.Block
+		e.b = binary.LittleEndian.AppendUint64(e.b, x.Prefix)
+	}
+	return e
+}
+
+// decodeIndex appends the frame's entries to ents; blocks ascend strictly
+// after the first and stay below maxBlocks.
+func decodeIndex(p []byte, ngens int, ents []indexEntry) (int, []indexEntry, error) {
+	d := &dec{b: p}
+	gen := int(d.ub("index generation", uint64(ngens)))
+	if d.err == nil && gen < 1 {
+		d.fail("index generation 0")
+	}
+	n := d.ub("index entries", maxIndexEntries)
+	blk := int64(0)
+	for i := uint64(0); i < n && d.err == nil; i++ {
+		delta := d.ub("index delta", maxBlocks)
+		if i > 0 && delta == 0 {
+			d.fail("index blocks do not ascend")
+		}
+		blk += int64(delta)
+		if blk >= maxBlocks {
+			d.fail("index block %d out of range", blk)
+		}
+		ents = append(ents, indexEntry{blk, binary.LittleEndian.Uint64(d.raw(8))})
+	}
+	return gen, ents, d.done()
+}
+
+// run is a range of blocks.
+type run struct{ Start, Count int64 }
+
+// op is one stream frame from the sender.
+type op struct {
+	Type  byte
+	Start int64
+	Count int64
+	Gen   int      // copy: 0 = the image being written, i = reply.Gens[i-1]
+	Src   int64    // copy: first source block
+	Sum   [16]byte // copy: hash of the run's block hashes
+	Data  []byte   // literal: zstd frame
+}
+
+func (o *op) encode(e *enc) *enc {
+	e.reset()
+	switch o.Type {
+	case frameZero:
+		e.u(uint64(o.Start)).u(uint64(o.Count))
+	case frameCopy:
+		e.u(uint64(o.Start)).u(uint64(o.Count)).u(uint64(o.Gen)).u(uint64(o.Src)).raw(o.Sum[:])
+	case frameLiteral:
+		e.u(uint64(o.Start)).u(uint64(o.Count)).raw(o.Data)
+	case frameCheckpoint:
+		e.u(uint64(o.Start))
+	}
+	return e
+}
+
+// decodeOp parses a stream frame; ranges are checked against nblocks and
+// ngens, ordering is the caller's.
+func decodeOp(typ byte, p []byte, nblocks int64, ngens int) (*op, error) {
+	d := &dec{b: p}
+	o := &op{Type: typ}
+	switch typ {
+	case frameZero, frameCopy, frameLiteral:
+		o.Start = int64(d.ub("start block", uint64(nblocks)))
+		max := nblocks - o.Start
+		if typ == frameLiteral && max > maxLiteralBlocks {
+			max = maxLiteralBlocks
+		}
+		o.Count = int64(d.ub("block count", uint64(max)))
+		if d.err == nil && o.Count == 0 {
+			d.fail("empty block run at %d", o.Start)
+		}
+		switch typ {
+		case frameCopy:
+			o.Gen = int(d.ub("copy generation", uint64(ngens)))
+			o.Src = int64(d.ub("copy source", maxBlocks))
+			copy(o.Sum[:], d.raw(16))
+		case frameLiteral:
+			o.Data = d.rest()
+		}
+	case frameCheckpoint:
+		o.Start = int64(d.ub("checkpoint", uint64(nblocks)))
+	case frameEnd:
+	default:
+		return nil, protoErr("unexpected frame type %d in the block stream", typ)
+	}
+	return o, d.done()
+}
+
+// result ends a pass of the stream.
+type result struct {
+	Missing []run // blocks to re-send as literals; empty when committed
+}
+
+func (r *result) encode(e *enc) *enc {
+	e.reset().u(uint64(len(r.Missing)))
+	for _, x := range r.Missing {
+		e.u(uint64(x.Start)).u(uint64(x.Count))
+	}
+	return e
+}
+
+func decodeResult(p []byte, nblocks int64) (*result, error) {
+	d := &dec{b: p}
+	n := d.ub("missing ranges", maxRanges)
+	r := &result{}
+	for i := uint64(0); i < n && d.err == nil; i++ {
+		s := int64(d.ub("missing start", uint64(nblocks)))
+		c := int64(d.ub("missing count", uint64(nblocks-s)))
+		if d.err == nil && c == 0 {
+			d.fail("empty missing range")
+		}
+		r.Missing = append(r.Missing, run{s, c})
+	}
+	return r, d.done()
+}
+
+func decodeError(p []byte) error {
+	d := &dec{b: p}
+	msg := d.str("error message", maxMessage)
+	if err := d.done(); err != nil {
+		return err
+	}
+	return fmt.Errorf("%w: %s", ErrRemote, sanitize(msg))
+}
+
+// sanitize keeps a peer's message printable.
+func sanitize(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 && r != '\n' || r == 0x7f {
+			return '?'
+		}
+		return r
+	}, s)
+}

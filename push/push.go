@@ -1,0 +1,506 @@
+// Package push sends a disk image to a host's image store, moving only the
+// 4 KiB blocks the host does not already hold, and runs the host half
+// (Serve) behind `nixvm-image serve`.
+//
+// Identity is the guest-visible content: BLAKE3-128 of each 4 KiB block of
+// the virtual disk, matched at any offset of any generation the host holds;
+// an image's digest is BLAKE3 over its block hashes. A session is one
+// exchange (the host's generations, a resume point, and an index of 8-byte
+// hash prefixes the sender does not know yet) and then one pipelined
+// stream of zero runs, copy runs and zstd literals, with checkpoints the
+// host makes durable so a broken connection resumes where it stopped. The
+// host checks every copied block against its own index as it copies (a
+// failed block is asked for again as a literal), recomputes the digest of
+// what it wrote, and only then stores the generation and swaps `current`.
+//
+// Limits: virtual sizes up to 1 TiB; the host keeps 16 bytes per block of
+// the image being received in memory (4 MiB per GiB), the sender 40 bytes
+// per indexed block of the host's generations.
+package push
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"sync/atomic"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/lima-vm/go-qcow2reader"
+	"github.com/lima-vm/go-qcow2reader/image"
+	"github.com/lima-vm/go-qcow2reader/image/qcow2"
+)
+
+func init() {
+	qcow2.SetDecompressor(qcow2.CompressionTypeZstd, func(r io.Reader) (io.ReadCloser, error) {
+		d, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return nil, err
+		}
+		return d.IOReadCloser(), nil
+	})
+}
+
+// Source is an image to push: its guest-visible content and block hashes.
+type Source struct {
+	R           io.ReaderAt
+	VirtualSize int64
+	Blocks      []Hash
+	Digest      [32]byte
+	close       func() error
+}
+
+// Close releases the image file.
+func (s *Source) Close() error {
+	if s.close != nil {
+		return s.close()
+	}
+	return nil
+}
+
+// OpenSource opens a qcow2 (or raw) image and hashes its virtual disk.
+// progress, if not nil, receives bytes hashed.
+func OpenSource(path string, progress func(int64)) (*Source, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	img, err := qcow2reader.Open(f)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("push: %s: %w", path, err)
+	}
+	if err := img.Readable(); err != nil {
+		img.Close()
+		f.Close()
+		return nil, fmt.Errorf("push: %s: %w", path, err)
+	}
+	src, err := NewSource(img, img.Size(), progress)
+	if err != nil {
+		img.Close()
+		f.Close()
+		return nil, fmt.Errorf("push: %s: %w", path, err)
+	}
+	src.close = func() error { img.Close(); return f.Close() }
+	return src, nil
+}
+
+// NewSource hashes the virtual disk r of the given size.
+func NewSource(r io.ReaderAt, size int64, progress func(int64)) (*Source, error) {
+	blocks, err := HashImage(r, size, progress)
+	if err != nil {
+		return nil, err
+	}
+	return &Source{R: r, VirtualSize: size, Blocks: blocks, Digest: Digest(blocks)}, nil
+}
+
+var _ image.Image // go-qcow2reader's image type backs Source.R
+
+// Options configure a push. The zero value is the default.
+type Options struct {
+	// Name of the image on the host (one path element), required.
+	Name string
+	// Link, if set, is a path on the host made a symlink to the new
+	// generation, e.g. /etc/virt/base-images/baseline.qcow2.
+	Link string
+	// CheckpointBytes is how much of the image goes by between checkpoints;
+	// 0 means 64 MiB.
+	CheckpointBytes int64
+	// Level is the zstd level of literal data; 0 means zstd's default.
+	Level zstd.EncoderLevel
+	// Progress, if not nil, receives bytes of the image dealt with.
+	Progress func(n int64)
+}
+
+// Stats describe one push.
+type Stats struct {
+	Sent, Received int64 // bytes on the wire
+	ImageSize      int64 // virtual size
+	AlreadyCurrent bool  // the host held the digest; nothing streamed
+	ResumedAt      int64 // block the stream started at
+	ZeroBlocks     int64
+	CopiedBlocks   int64
+	LiteralBlocks  int64
+	ResentBlocks   int64 // re-sent after the host found a copy bad
+	Digest         [32]byte
+}
+
+// ErrNoServer reports a peer that closed the connection without answering:
+// usually nixvm-image is not installed on the host.
+var ErrNoServer = errors.New("push: the host did not answer")
+
+type countingRW struct {
+	r   io.Reader
+	w   io.Writer
+	in  atomic.Int64
+	out atomic.Int64
+}
+
+func (c *countingRW) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.in.Add(int64(n))
+	return n, err
+}
+
+func (c *countingRW) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.out.Add(int64(n))
+	return n, err
+}
+
+// loc is where the host holds a block.
+type loc struct {
+	gen   int
+	block int64
+}
+
+// Push sends src to the host at the other end of conn and returns once the
+// host has verified and activated it.
+func Push(ctx context.Context, conn io.ReadWriter, src *Source, opts Options) (*Stats, error) {
+	if err := ValidName(opts.Name); err != nil {
+		return nil, err
+	}
+	if opts.CheckpointBytes <= 0 {
+		opts.CheckpointBytes = 64 << 20
+	}
+	cw := &countingRW{r: conn, w: conn}
+	st := &Stats{ImageSize: src.VirtualSize, Digest: src.Digest}
+	defer func() { st.Sent, st.Received = cw.out.Load(), cw.in.Load() }()
+	fr := newFrameReader(cw)
+	fw := newFrameWriter(cw)
+	var e enc
+	fw.writeMagic()
+	h := &hello{Version: Version, Op: opPush, Name: opts.Name, Digest: src.Digest, VirtualSize: src.VirtualSize, Link: opts.Link}
+	fw.frame(frameHello, h.encode(&e))
+	if err := fw.flush(); err != nil {
+		return st, fmt.Errorf("%w: sending the hello: %v", ErrNoServer, err)
+	}
+	r, err := readReply(fr)
+	if err != nil {
+		return st, err
+	}
+	if r.Have {
+		st.AlreadyCurrent = true
+		if opts.Progress != nil {
+			opts.Progress(src.VirtualSize)
+		}
+		return st, nil
+	}
+	n := int64(len(src.Blocks))
+	if r.Resume > n {
+		return st, protoErr("host resumes at block %d of %d", r.Resume, n)
+	}
+	st.ResumedAt = r.Resume
+	// The host's index: prefix -> first location, and per generation block -> prefix.
+	where := map[uint64]loc{}
+	at := make([]map[int64]uint64, len(r.Gens)+1)
+	if r.Index {
+		var ents []indexEntry
+		for {
+			typ, p, err := fr.next()
+			if err != nil {
+				return st, noEOF(err)
+			}
+			if typ == frameError {
+				return st, decodeError(p)
+			}
+			if typ == frameIndexEnd {
+				break
+			}
+			if typ != frameIndex {
+				return st, protoErr("got frame type %d in the index, want %d", typ, frameIndex)
+			}
+			var gen int
+			gen, ents, err = decodeIndex(p, len(r.Gens), ents[:0])
+			if err != nil {
+				return st, err
+			}
+			if at[gen] == nil {
+				at[gen] = map[int64]uint64{}
+			}
+			for _, x := range ents {
+				if x.Block >= blockCount(r.Gens[gen-1].VirtualSize) {
+					return st, protoErr("index block %d beyond generation %d", x.Block, gen)
+				}
+				at[gen][x.Block] = x.Prefix
+				if _, ok := where[x.Prefix]; !ok {
+					where[x.Prefix] = loc{gen, x.Block}
+				}
+			}
+		}
+	}
+	if opts.Progress != nil && r.Resume > 0 {
+		opts.Progress(min(r.Resume*BlockSize, src.VirtualSize))
+	}
+
+	// From here on the host only speaks to report an error or a result.
+	replies := make(chan frameOrErr, 1)
+	go func() {
+		for {
+			typ, p, err := fr.next()
+			cp := append([]byte(nil), p...)
+			replies <- frameOrErr{typ, cp, err}
+			if err != nil || typ == frameError {
+				return
+			}
+		}
+	}()
+	s := &sender{ctx: ctx, src: src, opts: opts, fw: fw, st: st, replies: replies, where: where, at: at, self: map[Hash]int64{}}
+	if err := s.init(); err != nil {
+		return st, err
+	}
+	defer s.enc.Close()
+	for i := int64(0); i < r.Resume; i++ {
+		if _, ok := s.self[src.Blocks[i]]; !ok {
+			s.self[src.Blocks[i]] = i
+		}
+	}
+	if err := s.stream(r.Resume); err != nil {
+		return st, s.explain(err)
+	}
+	for round := 0; ; round++ {
+		fw.frame(frameEnd, e.reset())
+		if err := fw.flush(); err != nil {
+			return st, s.explain(err)
+		}
+		f := <-replies
+		if f.err != nil {
+			return st, fmt.Errorf("push: waiting for the host's result: %w", noEOF(f.err))
+		}
+		switch f.typ {
+		case frameError:
+			return st, decodeError(f.p)
+		case frameResult:
+		default:
+			return st, protoErr("got frame type %d, want a result", f.typ)
+		}
+		res, err := decodeResult(f.p, n)
+		if err != nil {
+			return st, err
+		}
+		if len(res.Missing) == 0 {
+			return st, nil
+		}
+		if round == 2 {
+			return st, fmt.Errorf("push: the host still lacks %d block ranges after re-sending them twice", len(res.Missing))
+		}
+		for _, m := range res.Missing {
+			for b := m.Start; b < m.Start+m.Count; b += maxLiteralBlocks {
+				c := min(maxLiteralBlocks, m.Start+m.Count-b)
+				if err := s.literal(b, c); err != nil {
+					return st, s.explain(err)
+				}
+				st.ResentBlocks += c
+			}
+		}
+	}
+}
+
+type frameOrErr struct {
+	typ byte
+	p   []byte
+	err error
+}
+
+func readReply(fr *frameReader) (*reply, error) {
+	if err := fr.readMagic(); err != nil {
+		if errors.Is(err, ErrProtocol) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("%w: %v", ErrNoServer, noEOF(err))
+	}
+	typ, p, err := fr.next()
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrNoServer, noEOF(err))
+	}
+	if typ == frameError {
+		return nil, decodeError(p)
+	}
+	if typ != frameReply {
+		return nil, protoErr("got frame type %d, want a reply", typ)
+	}
+	r, err := decodeReply(p)
+	if err != nil {
+		return nil, err
+	}
+	if r.Err != "" {
+		return nil, fmt.Errorf("%w: %s", ErrRemote, sanitize(r.Err))
+	}
+	return r, nil
+}
+
+type sender struct {
+	ctx     context.Context
+	src     *Source
+	opts    Options
+	fw      *frameWriter
+	st      *Stats
+	replies chan frameOrErr
+	where   map[uint64]loc
+	at      []map[int64]uint64
+	self    map[Hash]int64
+	enc     *zstd.Encoder
+	e       enc
+	buf     []byte
+	zbuf    []byte
+}
+
+func (s *sender) init() error {
+	level := s.opts.Level
+	if level == 0 {
+		level = zstd.SpeedDefault
+	}
+	var err error
+	s.enc, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(level), zstd.WithEncoderConcurrency(runtime.GOMAXPROCS(0)))
+	s.buf = make([]byte, maxLiteralBlocks*BlockSize)
+	return err
+}
+
+// explain replaces a write error by the host's own error when it sent one.
+func (s *sender) explain(err error) error {
+	select {
+	case f := <-s.replies:
+		if f.typ == frameError && f.err == nil {
+			return decodeError(f.p)
+		}
+	default:
+	}
+	return err
+}
+
+// hostError returns the host's error if it has sent one.
+func (s *sender) hostError() error {
+	select {
+	case f := <-s.replies:
+		if f.err != nil {
+			return fmt.Errorf("push: connection to the host broke: %w", noEOF(f.err))
+		}
+		if f.typ == frameError {
+			return decodeError(f.p)
+		}
+		return protoErr("host sent frame type %d during the stream", f.typ)
+	default:
+		return nil
+	}
+}
+
+// pending run being built
+type pend struct {
+	typ   byte
+	start int64
+	count int64
+	gen   int
+	src   int64
+}
+
+func (s *sender) stream(from int64) error {
+	blocks := s.src.Blocks
+	n := int64(len(blocks))
+	var cur pend
+	sinceCk := int64(0)
+	flush := func() error {
+		if cur.count == 0 {
+			return nil
+		}
+		var err error
+		switch cur.typ {
+		case frameZero:
+			s.st.ZeroBlocks += cur.count
+			err = s.fw.frame(frameZero, (&op{Type: frameZero, Start: cur.start, Count: cur.count}).encode(&s.e))
+		case frameCopy:
+			s.st.CopiedBlocks += cur.count
+			o := &op{Type: frameCopy, Start: cur.start, Count: cur.count, Gen: cur.gen, Src: cur.src, Sum: runSum(blocks[cur.start : cur.start+cur.count])}
+			err = s.fw.frame(frameCopy, o.encode(&s.e))
+		case frameLiteral:
+			s.st.LiteralBlocks += cur.count
+			err = s.literal(cur.start, cur.count)
+		}
+		if s.opts.Progress != nil {
+			s.opts.Progress(min(cur.count*BlockSize, s.src.VirtualSize-cur.start*BlockSize))
+		}
+		sinceCk += cur.count * BlockSize
+		end := cur.start + cur.count
+		cur = pend{}
+		if err != nil {
+			return err
+		}
+		if sinceCk >= s.opts.CheckpointBytes {
+			sinceCk = 0
+			if err := s.fw.frame(frameCheckpoint, (&op{Type: frameCheckpoint, Start: end}).encode(&s.e)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for i := from; i < n; i++ {
+		if i&1023 == 0 {
+			if err := s.ctx.Err(); err != nil {
+				return err
+			}
+			if err := s.hostError(); err != nil {
+				return err
+			}
+		}
+		h := blocks[i]
+		// Decide this block's run.
+		var next pend
+		switch {
+		case h == ZeroHash:
+			next = pend{typ: frameZero}
+		default:
+			if cur.typ == frameCopy && s.continues(cur, h) {
+				cur.count++
+				continue
+			}
+			if l, ok := s.where[prefixOf(h)]; ok {
+				next = pend{typ: frameCopy, gen: l.gen, src: l.block}
+			} else if j, ok := s.self[h]; ok && j < i {
+				next = pend{typ: frameCopy, gen: 0, src: j}
+			} else {
+				next = pend{typ: frameLiteral}
+			}
+			if _, ok := s.self[h]; !ok {
+				s.self[h] = i
+			}
+		}
+		if cur.count > 0 && next.typ == cur.typ && next.typ != frameCopy &&
+			!(cur.typ == frameLiteral && cur.count == maxLiteralBlocks) {
+			cur.count++
+			continue
+		}
+		if err := flush(); err != nil {
+			return err
+		}
+		next.start, next.count = i, 1
+		cur = next
+	}
+	return flush()
+}
+
+// continues reports whether block hash h extends copy run c by one block.
+func (s *sender) continues(c pend, h Hash) bool {
+	nb := c.src + c.count
+	if c.gen == 0 {
+		return nb < c.start && s.src.Blocks[nb] == h
+	}
+	pf, ok := s.at[c.gen][nb]
+	if ok {
+		return pf == prefixOf(h)
+	}
+	return false
+}
+
+// literal sends blocks [start, start+count) as one zstd frame.
+func (s *sender) literal(start, count int64) error {
+	buf := s.buf[:count*BlockSize]
+	off := start * BlockSize
+	n := min(int64(len(buf)), s.src.VirtualSize-off)
+	if k, err := s.src.R.ReadAt(buf[:n], off); k < int(n) {
+		return fmt.Errorf("push: reading the image at %d: %w", off, noEOF(err))
+	}
+	clear(buf[n:])
+	s.zbuf = s.enc.EncodeAll(buf, s.zbuf[:0])
+	return s.fw.frame(frameLiteral, (&op{Type: frameLiteral, Start: start, Count: count, Data: s.zbuf}).encode(&s.e))
+}

@@ -1,0 +1,426 @@
+package push
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/nixvm-image/nixvm-image/internal/testutil"
+)
+
+type duplex struct {
+	io.Reader
+	io.Writer
+}
+
+// cutWriter fails every write after limit bytes and breaks the pipes, like a
+// dropped connection.
+type cutWriter struct {
+	w     io.Writer
+	left  int64
+	onCut func()
+	once  sync.Once
+}
+
+func (c *cutWriter) Write(p []byte) (int, error) {
+	if int64(len(p)) > c.left {
+		n, _ := c.w.Write(p[:c.left])
+		c.left = 0
+		c.once.Do(c.onCut)
+		return n, io.ErrClosedPipe
+	}
+	c.left -= int64(len(p))
+	return c.w.Write(p)
+}
+
+// session runs Serve in a goroutine and returns the sender's end. cut > 0
+// breaks the connection after the sender wrote cut bytes.
+func pipeSession(t *testing.T, store *Store, cut int64) (io.ReadWriter, func() error) {
+	t.Helper()
+	s2hR, s2hW := io.Pipe()
+	h2sR, h2sW := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		err := Serve(context.Background(), duplex{s2hR, h2sW}, store)
+		h2sW.Close()
+		s2hR.Close()
+		done <- err
+	}()
+	var w io.Writer = s2hW
+	if cut > 0 {
+		w = &cutWriter{w: s2hW, left: cut, onCut: func() {
+			s2hW.CloseWithError(io.ErrClosedPipe)
+			h2sR.CloseWithError(io.ErrClosedPipe)
+		}}
+	}
+	wait := func() error {
+		s2hW.Close()
+		return <-done
+	}
+	return duplex{h2sR, w}, wait
+}
+
+// image returns size bytes: random 4 KiB blocks with every fourth 64 KiB
+// stretch zero.
+func testImage(seed int64, size int) []byte {
+	b := make([]byte, size)
+	rand.New(rand.NewSource(seed)).Read(b)
+	for off := 0; off < size; off += 256 << 10 {
+		clear(b[off:min(off+64<<10, size)])
+	}
+	return b
+}
+
+func source(t *testing.T, b []byte) *Source {
+	t.Helper()
+	s, err := NewSource(bytes.NewReader(b), int64(len(b)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func push(t *testing.T, store *Store, b []byte, opts Options) *Stats {
+	t.Helper()
+	conn, wait := pipeSession(t, store, 0)
+	if opts.Name == "" {
+		opts.Name = "baseline"
+	}
+	st, err := Push(context.Background(), conn, source(t, b), opts)
+	if err != nil {
+		t.Fatalf("push: %v", err)
+	}
+	if err := wait(); err != nil {
+		t.Fatalf("serve: %v", err)
+	}
+	return st
+}
+
+// checkCurrent checks that the host's current image reads as want.
+func checkCurrent(t *testing.T, store *Store, name string, want []byte) string {
+	t.Helper()
+	cur := filepath.Join(store.Dir, name, "current")
+	target, err := filepath.EvalSymlinks(cur)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := openGen(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	if g.img.Type() != "qcow2" {
+		t.Errorf("stored image type: got %s, want qcow2", g.img.Type())
+	}
+	got := make([]byte, len(want))
+	if _, err := g.img.ReadAt(got, 0); err != nil && err != io.EOF {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("host image %s differs from the source", target)
+	}
+	fi, err := os.Stat(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o444 {
+		t.Errorf("generation mode: got %v, want 0444", fi.Mode().Perm())
+	}
+	return target
+}
+
+const imgSize = 8 << 20
+
+func TestPushFirstThenDelta(t *testing.T) {
+	store := &Store{Dir: t.TempDir()}
+	gen1 := testImage(1, imgSize)
+	st := push(t, store, gen1, Options{Link: filepath.Join(store.Dir, "links", "baseline.qcow2")})
+	t.Logf("first push: sent %d received %d of %d: %+v", st.Sent, st.Received, imgSize, st)
+	if st.LiteralBlocks == 0 || st.CopiedBlocks != 0 {
+		t.Errorf("first push: got %d literal and %d copied blocks, want literals only", st.LiteralBlocks, st.CopiedBlocks)
+	}
+	if st.Sent < imgSize*7/10 {
+		t.Errorf("first push of random data sent %d bytes, want about %d", st.Sent, imgSize*3/4)
+	}
+	cur1 := checkCurrent(t, store, "baseline", gen1)
+	if l, _ := filepath.EvalSymlinks(filepath.Join(store.Dir, "links", "baseline.qcow2")); l != cur1 {
+		t.Errorf("--link points at %q, want %q", l, cur1)
+	}
+
+	// Second generation: three blocks changed, one 64 KiB stretch moved.
+	gen2 := bytes.Clone(gen1)
+	for _, b := range []int{3, 700, 1500} {
+		rand.New(rand.NewSource(int64(b))).Read(gen2[b*BlockSize : (b+1)*BlockSize])
+	}
+	copy(gen2[5<<20+4096:], gen1[2<<20:2<<20+64<<10])
+	st = push(t, store, gen2, Options{})
+	t.Logf("delta push: sent %d received %d: %+v", st.Sent, st.Received, st)
+	if st.LiteralBlocks != 3 {
+		t.Errorf("delta push: got %d literal blocks, want 3", st.LiteralBlocks)
+	}
+	if st.Sent > 3*BlockSize+4096 {
+		t.Errorf("delta push sent %d bytes, want at most %d", st.Sent, 4*BlockSize)
+	}
+	cur2 := checkCurrent(t, store, "baseline", gen2)
+	if cur2 == cur1 {
+		t.Fatal("current was not updated")
+	}
+	if _, err := os.Stat(cur1); err != nil {
+		t.Errorf("old generation gone: %v", err)
+	}
+	if l, _ := filepath.EvalSymlinks(filepath.Join(store.Dir, "links", "baseline.qcow2")); l != cur1 {
+		t.Errorf("--link moved without --link: got %q, want %q", l, cur1)
+	}
+	gens, err := store.List("baseline")
+	if err != nil || len(gens) != 2 || !gens[0].Current || gens[0].Path != cur2 {
+		t.Fatalf("List: got %+v, %v; want 2 generations, current first", gens, err)
+	}
+	if _, err := os.Stat(filepath.Join(store.Dir, "baseline", ".partial")); !os.IsNotExist(err) {
+		t.Errorf("partial dir left behind: %v", err)
+	}
+
+	// Identical re-push: the handshake only.
+	st = push(t, store, gen2, Options{})
+	if !st.AlreadyCurrent || st.Sent+st.Received > 512 {
+		t.Errorf("identical re-push: sent %d received %d, already=%v; want a handshake under 512 bytes", st.Sent, st.Received, st.AlreadyCurrent)
+	}
+	// Going back to gen1 is a handshake too.
+	st = push(t, store, gen1, Options{})
+	if !st.AlreadyCurrent || st.Sent > 256 {
+		t.Errorf("push of a held generation: sent %d, already=%v", st.Sent, st.AlreadyCurrent)
+	}
+	checkCurrent(t, store, "baseline", gen1)
+}
+
+func TestQemuImgCompare(t *testing.T) {
+	qimg := testutil.NeedTool(t, "qemu-img")[0]
+	dir := t.TempDir()
+	store := &Store{Dir: filepath.Join(dir, "store")}
+	raw := testImage(7, imgSize+3*512) // not a multiple of 4 KiB
+	rawPath := filepath.Join(dir, "src.raw")
+	if err := os.WriteFile(rawPath, raw, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	src := filepath.Join(dir, "src.qcow2")
+	if out, err := exec.Command(qimg, "convert", "-f", "raw", "-O", "qcow2", "-c", rawPath, src).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img convert: %v: %s", err, out)
+	}
+	s, err := OpenSource(src, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	conn, wait := pipeSession(t, store, 0)
+	if _, err := Push(context.Background(), conn, s, Options{Name: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := wait(); err != nil {
+		t.Fatal(err)
+	}
+	cur := filepath.Join(store.Dir, "b", "current")
+	for _, args := range [][]string{{"check", cur}, {"compare", src, cur}, {"compare", "-f", "raw", rawPath, cur}} {
+		if out, err := exec.Command(qimg, args...).CombinedOutput(); err != nil {
+			t.Errorf("qemu-img %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+}
+
+func TestResumeAfterCut(t *testing.T) {
+	gen1 := testImage(1, imgSize)
+	gen2 := bytes.Clone(gen1)
+	rand.New(rand.NewSource(9)).Read(gen2[1<<20 : 4<<20]) // 3 MiB new
+	full := func() int64 {
+		store := &Store{Dir: t.TempDir()}
+		push(t, store, gen1, Options{})
+		return push(t, store, gen2, Options{}).Sent
+	}()
+	for _, cut := range []int64{10, 100, 200 << 10, 1 << 20, 2 << 20, full - 10} {
+		store := &Store{Dir: t.TempDir()}
+		push(t, store, gen1, Options{})
+		cur1 := checkCurrent(t, store, "baseline", gen1)
+
+		conn, wait := pipeSession(t, store, cut)
+		st1, err := Push(context.Background(), conn, source(t, gen2), Options{Name: "baseline", CheckpointBytes: 1 << 20})
+		if err == nil {
+			t.Fatalf("cut at %d: push succeeded", cut)
+		}
+		wait()
+		if got := checkCurrent(t, store, "baseline", gen1); got != cur1 {
+			t.Fatalf("cut at %d: current moved to %s", cut, got)
+		}
+		st2 := push(t, store, gen2, Options{})
+		checkCurrent(t, store, "baseline", gen2)
+		total := st1.Sent + st2.Sent
+		t.Logf("cut at %d: first run sent %d, resumed at block %d sending %d; uncut push sent %d", cut, st1.Sent, st2.ResumedAt, st2.Sent, full)
+		if total > full+maxLiteralBlocks*BlockSize+8<<10 {
+			t.Errorf("cut at %d: sent %d in all, want at most one frame more than %d", cut, total, full)
+		}
+		if cut > 2<<20 && st2.ResumedAt == 0 {
+			t.Errorf("cut at %d: resumed at 0", cut)
+		}
+	}
+}
+
+func TestCorruptOldBlockIsResent(t *testing.T) {
+	store := &Store{Dir: t.TempDir()}
+	gen1 := testImage(1, imgSize)
+	push(t, store, gen1, Options{})
+	cur1 := checkCurrent(t, store, "baseline", gen1)
+	// Guest block 16 (64 KiB, the first data after the zero stretch) is the
+	// first data cluster of the uncompressed qcow2, right after the header cluster.
+	os.Chmod(cur1, 0o644)
+	f, err := os.OpenFile(cur1, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("corrupt"), 64<<10+100); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	gen2 := bytes.Clone(gen1)
+	gen2[imgSize-1] ^= 1
+	st := push(t, store, gen2, Options{})
+	if st.ResentBlocks != 1 {
+		t.Errorf("got %d re-sent blocks, want 1", st.ResentBlocks)
+	}
+	checkCurrent(t, store, "baseline", gen2)
+}
+
+func TestLockedName(t *testing.T) {
+	store := &Store{Dir: t.TempDir()}
+	unlock, err := store.lock("baseline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	conn, wait := pipeSession(t, store, 0)
+	_, err = Push(context.Background(), conn, source(t, testImage(1, 1<<20)), Options{Name: "baseline"})
+	if !errors.Is(err, ErrRemote) || !strings.Contains(err.Error(), "in progress") {
+		t.Fatalf("push to a locked name: got %v, want a remote 'in progress' error", err)
+	}
+	if err := wait(); !errors.Is(err, ErrBusy) {
+		t.Fatalf("serve: got %v, want ErrBusy", err)
+	}
+}
+
+func TestConcurrentPushes(t *testing.T) {
+	store := &Store{Dir: t.TempDir()}
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	for i := range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			conn, wait := pipeSession(t, store, 0)
+			_, errs[i] = Push(context.Background(), conn, source(t, testImage(int64(i), 4<<20)), Options{Name: "baseline"})
+			wait()
+		}()
+	}
+	wg.Wait()
+	ok := 0
+	for _, err := range errs {
+		if err == nil {
+			ok++
+		} else if !strings.Contains(err.Error(), "in progress") {
+			t.Errorf("failed push: got %v, want an 'in progress' error", err)
+		}
+	}
+	if ok == 0 {
+		t.Error("neither push succeeded")
+	}
+}
+
+func TestGarbagePeer(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		input string
+	}{
+		{"empty", ""},
+		{"text", "sh: 1: nixvm-image: not found\n"},
+		{"magic only", magic},
+		{"huge frame", magic + "\x01\xff\xff\xff\xff\x0f"},
+		{"wrong first frame", magic + "\x05\x02\x00\x01"},
+		{"bad hello", magic + "\x01\x03\x01\x01\x05"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out bytes.Buffer
+			err := Serve(context.Background(), duplex{strings.NewReader(tc.input), &out}, &Store{Dir: t.TempDir()})
+			if err == nil {
+				t.Fatal("serve accepted garbage")
+			}
+			// The sender reading garbage as the host's answer.
+			_, err = Push(context.Background(), duplex{strings.NewReader(tc.input), io.Discard}, source(t, testImage(1, 64<<10)), Options{Name: "x"})
+			if err == nil {
+				t.Fatal("push accepted garbage")
+			}
+		})
+	}
+}
+
+func TestVersionMismatch(t *testing.T) {
+	var e enc
+	h := &hello{Version: 99, Op: opPush, Name: "x", VirtualSize: 4096}
+	var in bytes.Buffer
+	fw := newFrameWriter(&in)
+	fw.writeMagic()
+	fw.frame(frameHello, h.encode(&e))
+	fw.flush()
+	var out bytes.Buffer
+	err := Serve(context.Background(), duplex{&in, &out}, &Store{Dir: t.TempDir()})
+	if !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "99") || !strings.Contains(err.Error(), "version 1") {
+		t.Fatalf("serve: got %v, want ErrVersion naming 99 and 1", err)
+	}
+	// A host of another version: the sender names both.
+	var hostOut bytes.Buffer
+	fw = newFrameWriter(&hostOut)
+	fw.writeMagic()
+	fw.frame(frameReply, (&reply{Version: 7}).encode(&e))
+	fw.flush()
+	_, err = Push(context.Background(), duplex{&hostOut, io.Discard}, source(t, testImage(1, 64<<10)), Options{Name: "x"})
+	if !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "version 7") {
+		t.Fatalf("push: got %v, want ErrVersion naming 7", err)
+	}
+}
+
+func TestDiskFull(t *testing.T) {
+	testutil.NeedRoot(t)
+	mount := testutil.NeedTool(t, "mount")[0]
+	dir := t.TempDir()
+	if out, err := exec.Command(mount, "-t", "tmpfs", "-o", "size=12m", "tmpfs", dir).CombinedOutput(); err != nil {
+		testutil.Skip(t, "mount tmpfs: %v: %s", err, out)
+	}
+	defer exec.Command("umount", dir).Run()
+	store := &Store{Dir: dir}
+	gen1 := testImage(1, 4<<20)
+	push(t, store, gen1, Options{})
+	cur1 := checkCurrent(t, store, "baseline", gen1)
+	conn, wait := pipeSession(t, store, 0)
+	_, err := Push(context.Background(), conn, source(t, testImage(2, 16<<20)), Options{Name: "baseline"})
+	if err == nil || !strings.Contains(err.Error(), "no space left") {
+		t.Fatalf("push to a full disk: got %v, want 'no space left'", err)
+	}
+	t.Logf("disk full: %v", err)
+	wait()
+	if got := checkCurrent(t, store, "baseline", gen1); got != cur1 {
+		t.Fatalf("current moved to %s", got)
+	}
+}
+
+func TestValidName(t *testing.T) {
+	for name, ok := range map[string]bool{
+		"baseline": true, "a.b_c-1": true, "": false, ".hidden": false, "a/b": false,
+		"..": false, "x y": false, strings.Repeat("a", 65): false, "ü": false,
+	} {
+		if err := ValidName(name); (err == nil) != ok {
+			t.Errorf("ValidName(%q): got %v, want ok=%v", name, err, ok)
+		}
+	}
+}
