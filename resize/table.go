@@ -1,0 +1,388 @@
+package resize
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+)
+
+// Device is an open disk or partition: a block device in the guest, an image
+// file in tests.
+type Device interface {
+	io.ReaderAt
+	io.WriterAt
+	Sync() error
+	Close() error
+}
+
+// mbrLimit is the number of sectors a 32-bit LBA can address: partitions in
+// an MBR table must end within it (2 TiB with 512-byte sectors).
+const mbrLimit = 1 << 32
+
+// plan says how one partition table would grow one partition.
+type plan struct {
+	table      string // "gpt" or "mbr"
+	pno        int    // 1-based partition number
+	start      uint64 // first sector (logical sectors)
+	oldEnd     uint64 // last sector now (inclusive)
+	newEnd     uint64 // last sector after growing (inclusive)
+	note       string // how newEnd was chosen
+	tableFixes []string
+
+	ss          int
+	diskSectors uint64
+
+	// GPT state: header fields and the entry array to write.
+	gptHdr     []byte // primary header sector contents (as read, or rebuilt from the backup)
+	gptEntries []byte
+	entrySize  int
+	entryLBA   uint64 // primary entry array LBA
+	// MBR sector 0 as read.
+	mbr []byte
+}
+
+// upToDate reports whether the table needs no write.
+func (p *plan) upToDate() bool { return p.newEnd == p.oldEnd && len(p.tableFixes) == 0 }
+
+func readSector(d io.ReaderAt, ss int, lba uint64) ([]byte, error) {
+	b := make([]byte, ss)
+	if _, err := d.ReadAt(b, int64(lba)*int64(ss)); err != nil {
+		return nil, fmt.Errorf("resize: read sector %d: %w", lba, err)
+	}
+	return b, nil
+}
+
+// planTable reads the partition table of a disk of diskSectors sectors of ss
+// bytes and plans growing partition pno to the end of the disk.
+func planTable(d io.ReaderAt, ss int, diskSectors uint64, pno int) (*plan, error) {
+	mbr, err := readSector(d, ss, 0)
+	if err != nil {
+		return nil, err
+	}
+	if mbr[510] != 0x55 || mbr[511] != 0xaa {
+		return nil, fmt.Errorf("%w: no MBR boot signature in sector 0 (got %#02x%02x, want 0x55aa)", ErrNoTable, mbr[510], mbr[511])
+	}
+	for i := 0; i < 4; i++ {
+		if mbr[446+16*i+4] == 0xee {
+			return planGPT(d, ss, diskSectors, pno, mbr)
+		}
+	}
+	return planMBR(ss, diskSectors, pno, mbr)
+}
+
+// ---- MBR ----
+
+func planMBR(ss int, diskSectors uint64, pno int, mbr []byte) (*plan, error) {
+	if pno < 1 || pno > 4 {
+		return nil, fmt.Errorf("%w: partition %d is a logical partition inside an MBR extended partition", ErrUnsupported, pno)
+	}
+	ent := func(i int) (typ byte, start, size uint64) {
+		e := mbr[446+16*i:]
+		return e[4], uint64(binary.LittleEndian.Uint32(e[8:])), uint64(binary.LittleEndian.Uint32(e[12:]))
+	}
+	typ, start, size := ent(pno - 1)
+	if typ == 0 || size == 0 {
+		return nil, fmt.Errorf("%w: MBR entry %d is empty", ErrCorruptTable, pno)
+	}
+	for i := 0; i < 4; i++ {
+		t, s, n := ent(i)
+		if i == pno-1 || t == 0 || n == 0 {
+			continue
+		}
+		if s > start {
+			return nil, fmt.Errorf("%w: MBR partition %d (sectors %d-%d) follows partition %d", ErrNotLast, i+1, s, s+n-1, pno)
+		}
+	}
+	p := &plan{table: "mbr", pno: pno, start: start, oldEnd: start + size - 1, ss: ss, diskSectors: diskSectors, mbr: mbr}
+	limit := diskSectors
+	p.note = "to the last sector of the disk (MBR needs no alignment at the end)"
+	if limit > mbrLimit {
+		limit = mbrLimit
+		p.note = fmt.Sprintf("to the MBR limit of %d sectors (%s): the disk has %s; the rest stays unused (convert to GPT to use it)",
+			uint64(mbrLimit), human(mbrLimit*uint64(ss)), human(diskSectors*uint64(ss)))
+	}
+	p.newEnd = limit - 1
+	if p.newEnd < p.oldEnd {
+		if p.oldEnd >= diskSectors {
+			return nil, fmt.Errorf("%w: MBR partition %d ends at sector %d, beyond the disk's last sector %d", ErrCorruptTable, pno, p.oldEnd, diskSectors-1)
+		}
+		p.newEnd = p.oldEnd // already beyond the limit we would choose: leave it
+	}
+	return p, nil
+}
+
+// chs encodes an LBA as the 3-byte CHS value fdisk writes (255 heads, 63
+// sectors per track), saturating at 1023/254/63.
+func chs(lba uint64) [3]byte {
+	const heads, spt = 255, 63
+	c, h, s := lba/(heads*spt), (lba/spt)%heads, lba%spt+1
+	if c > 1023 {
+		c, h, s = 1023, 254, 63
+	}
+	return [3]byte{byte(h), byte(s) | byte(c>>8)<<6, byte(c)}
+}
+
+func (p *plan) applyMBR(d Device, say func(string, ...any)) error {
+	b := bytes.Clone(p.mbr)
+	e := b[446+16*(p.pno-1):]
+	binary.LittleEndian.PutUint32(e[12:], uint32(p.newEnd-p.start+1))
+	c := chs(p.newEnd)
+	copy(e[5:8], c[:])
+	// One sector, one write: a power cut leaves either the old or the new table.
+	if _, err := d.WriteAt(b, 0); err != nil {
+		return fmt.Errorf("resize: write MBR: %w", err)
+	}
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("resize: sync after writing MBR: %w", err)
+	}
+	say("mbr: wrote sector 0 (partition %d now sectors %d-%d)", p.pno, p.start, p.newEnd)
+	return nil
+}
+
+// ---- GPT ----
+
+const (
+	gptSig        = "EFI PART"
+	gptMinHdrSize = 92
+)
+
+type gptHeader struct {
+	raw                   []byte
+	size                  uint32
+	my, alt               uint64
+	firstUsable, lastUsab uint64
+	entryLBA              uint64
+	nEntries, entrySize   uint32
+	entriesCRC            uint32
+}
+
+func parseGPTHeader(b []byte, wantLBA uint64) (*gptHeader, error) {
+	if string(b[:8]) != gptSig {
+		return nil, fmt.Errorf("signature got %q, want %q", b[:8], gptSig)
+	}
+	h := &gptHeader{raw: b, size: binary.LittleEndian.Uint32(b[12:])}
+	if h.size < gptMinHdrSize || int(h.size) > len(b) {
+		return nil, fmt.Errorf("header size got %d, want %d..%d", h.size, gptMinHdrSize, len(b))
+	}
+	hc := bytes.Clone(b[:h.size])
+	binary.LittleEndian.PutUint32(hc[16:], 0)
+	if got, want := crc32.ChecksumIEEE(hc), binary.LittleEndian.Uint32(b[16:]); got != want {
+		return nil, fmt.Errorf("header CRC got %#08x, want %#08x", got, want)
+	}
+	h.my = binary.LittleEndian.Uint64(b[24:])
+	h.alt = binary.LittleEndian.Uint64(b[32:])
+	h.firstUsable = binary.LittleEndian.Uint64(b[40:])
+	h.lastUsab = binary.LittleEndian.Uint64(b[48:])
+	h.entryLBA = binary.LittleEndian.Uint64(b[72:])
+	h.nEntries = binary.LittleEndian.Uint32(b[80:])
+	h.entrySize = binary.LittleEndian.Uint32(b[84:])
+	h.entriesCRC = binary.LittleEndian.Uint32(b[88:])
+	if h.my != wantLBA {
+		return nil, fmt.Errorf("header LBA got %d, want %d", h.my, wantLBA)
+	}
+	if h.entrySize < 128 || h.entrySize%8 != 0 || h.nEntries == 0 || uint64(h.nEntries)*uint64(h.entrySize) > 1<<20 {
+		return nil, fmt.Errorf("entry array %d x %d bytes is not supported", h.nEntries, h.entrySize)
+	}
+	return h, nil
+}
+
+func readGPT(d io.ReaderAt, ss int, lba uint64) (*gptHeader, []byte, error) {
+	b, err := readSector(d, ss, lba)
+	if err != nil {
+		return nil, nil, err
+	}
+	h, err := parseGPTHeader(b, lba)
+	if err != nil {
+		return nil, nil, err
+	}
+	ents := make([]byte, int(h.nEntries)*int(h.entrySize))
+	if _, err := d.ReadAt(ents, int64(h.entryLBA)*int64(ss)); err != nil {
+		return nil, nil, fmt.Errorf("read entries at LBA %d: %w", h.entryLBA, err)
+	}
+	if got := crc32.ChecksumIEEE(ents); got != h.entriesCRC {
+		return nil, nil, fmt.Errorf("entry array CRC got %#08x, want %#08x", got, h.entriesCRC)
+	}
+	return h, ents, nil
+}
+
+func planGPT(d io.ReaderAt, ss int, diskSectors uint64, pno int, pmbr []byte) (*plan, error) {
+	last := diskSectors - 1
+	h, ents, perr := readGPT(d, ss, 1)
+	var fixes []string
+	if perr != nil {
+		// The primary is damaged. If a run of ours was cut between writing the
+		// primary entries and the primary header, the backup at the (new) end of
+		// the disk is complete: rebuild the primary from it.
+		bh, bents, berr := readGPT(d, ss, last)
+		if berr != nil {
+			return nil, fmt.Errorf("%w: primary GPT: %v; backup GPT at LBA %d: %v; repair it with sgdisk or gdisk", ErrCorruptTable, perr, last, berr)
+		}
+		h, ents = bh, bents
+		h.entryLBA = 2
+		fixes = append(fixes, fmt.Sprintf("primary GPT is damaged (%v): rebuilding it from the backup at LBA %d", perr, last))
+	}
+	if pno < 1 || pno > int(h.nEntries) {
+		return nil, fmt.Errorf("%w: partition %d is outside the GPT's %d entries", ErrCorruptTable, pno, h.nEntries)
+	}
+	es := int(h.entrySize)
+	used := func(i int) bool { return !bytes.Equal(ents[i*es:i*es+16], make([]byte, 16)) }
+	rng := func(i int) (uint64, uint64) {
+		return binary.LittleEndian.Uint64(ents[i*es+32:]), binary.LittleEndian.Uint64(ents[i*es+40:])
+	}
+	if !used(pno - 1) {
+		return nil, fmt.Errorf("%w: GPT entry %d is empty", ErrCorruptTable, pno)
+	}
+	start, end := rng(pno - 1)
+	for i := 0; i < int(h.nEntries); i++ {
+		if i == pno-1 || !used(i) {
+			continue
+		}
+		if s, e := rng(i); s > start || e > end {
+			return nil, fmt.Errorf("%w: GPT partition %d (sectors %d-%d) follows partition %d", ErrNotLast, i+1, s, e, pno)
+		}
+	}
+	entrySectors := (uint64(h.nEntries)*uint64(h.entrySize) + uint64(ss) - 1) / uint64(ss)
+	lastUsable := last - entrySectors - 1
+	p := &plan{
+		table: "gpt", pno: pno, start: start, oldEnd: end, newEnd: lastUsable,
+		note: fmt.Sprintf("to the last usable LBA, keeping %d sectors for the backup entries and header", entrySectors+1),
+		ss:   ss, diskSectors: diskSectors, gptHdr: h.raw, gptEntries: ents, entrySize: es, entryLBA: h.entryLBA,
+		tableFixes: fixes,
+	}
+	if end > lastUsable {
+		if end >= diskSectors {
+			return nil, fmt.Errorf("%w: GPT partition %d ends at LBA %d, beyond the disk's last LBA %d", ErrCorruptTable, pno, end, last)
+		}
+		return nil, fmt.Errorf("%w: GPT partition %d ends at LBA %d, inside the backup table area (last usable LBA %d)", ErrCorruptTable, pno, end, lastUsable)
+	}
+	if perr == nil && (h.alt != last || h.lastUsab != lastUsable) {
+		p.tableFixes = append(p.tableFixes, fmt.Sprintf("backup GPT at LBA %d moves to the disk's last LBA %d", h.alt, last))
+	}
+	pmbrSize := uint64(binary.LittleEndian.Uint32(pmbr[446+12:]))
+	if want := min(diskSectors-1, 0xffffffff); pmbr[446+4] == 0xee && pmbrSize != want {
+		p.tableFixes = append(p.tableFixes, fmt.Sprintf("protective MBR covers %d sectors, want %d", pmbrSize, want))
+	}
+	p.mbr = pmbr
+	return p, nil
+}
+
+// gptHeaderFor returns a header sector for LBA my with the given alternate
+// and entry array location.
+func (p *plan) gptHeaderFor(my, alt, entryLBA, lastUsable uint64, entriesCRC uint32) []byte {
+	b := bytes.Clone(p.gptHdr)
+	size := binary.LittleEndian.Uint32(b[12:])
+	binary.LittleEndian.PutUint64(b[24:], my)
+	binary.LittleEndian.PutUint64(b[32:], alt)
+	binary.LittleEndian.PutUint64(b[48:], lastUsable)
+	binary.LittleEndian.PutUint64(b[72:], entryLBA)
+	binary.LittleEndian.PutUint32(b[88:], entriesCRC)
+	binary.LittleEndian.PutUint32(b[16:], 0)
+	binary.LittleEndian.PutUint32(b[16:], crc32.ChecksumIEEE(b[:size]))
+	return b
+}
+
+// applyGPT writes the grown table. The order is what makes a power cut at
+// any point recoverable by the next run:
+//
+//  1. Backup entries, then backup header, at the new end of the disk; sync.
+//     Until the primary changes, every reader (kernel, sgdisk, us) follows
+//     the valid primary, whose alternate-LBA still names the old backup at
+//     the old end, which is intact: the disk reads as before, and the next
+//     run starts over.
+//  2. Primary entries, then primary header; sync. A cut between the two
+//     leaves a primary whose entry CRC fails; readers then take the header at
+//     the disk's last LBA, which step 1 made complete and valid (the kernel's
+//     efi.c and sgdisk do; planGPT does too and rewrites the primary from it).
+//  3. The protective MBR's size; sync. It is only a hint for MBR-only tools;
+//     if it is missed, the next run sees a full GPT and fixes just this.
+//
+// Only then is the kernel told (BLKPG) and the file system grown, so the old
+// backup area becomes data only after the new table is durable.
+func (p *plan) applyGPT(d Device, say func(string, ...any)) error {
+	ss := uint64(p.ss)
+	last := p.diskSectors - 1
+	ents := bytes.Clone(p.gptEntries)
+	binary.LittleEndian.PutUint64(ents[(p.pno-1)*p.entrySize+40:], p.newEnd)
+	crc := crc32.ChecksumIEEE(ents)
+	entrySectors := (uint64(len(ents)) + ss - 1) / ss
+	backupEntryLBA := last - entrySectors
+	lastUsable := backupEntryLBA - 1
+	padded := make([]byte, entrySectors*ss)
+	copy(padded, ents)
+
+	write := func(what string, b []byte, lba uint64) error {
+		if _, err := d.WriteAt(b, int64(lba*ss)); err != nil {
+			return fmt.Errorf("resize: write %s at LBA %d: %w", what, lba, err)
+		}
+		return nil
+	}
+	sync := func(after string) error {
+		if err := d.Sync(); err != nil {
+			return fmt.Errorf("resize: sync after %s: %w", after, err)
+		}
+		return nil
+	}
+	if err := write("backup GPT entries", padded, backupEntryLBA); err != nil {
+		return err
+	}
+	if err := write("backup GPT header", p.gptHeaderFor(last, 1, backupEntryLBA, lastUsable, crc), last); err != nil {
+		return err
+	}
+	if err := sync("backup GPT"); err != nil {
+		return err
+	}
+	say("gpt: wrote backup table at LBA %d-%d", backupEntryLBA, last)
+	if err := write("primary GPT entries", padded, p.entryLBA); err != nil {
+		return err
+	}
+	if err := write("primary GPT header", p.gptHeaderFor(1, last, p.entryLBA, lastUsable, crc), 1); err != nil {
+		return err
+	}
+	if err := sync("primary GPT"); err != nil {
+		return err
+	}
+	say("gpt: wrote primary table (partition %d now LBA %d-%d, last usable LBA %d)", p.pno, p.start, p.newEnd, lastUsable)
+	if p.mbr[446+4] == 0xee {
+		want := uint32(min(p.diskSectors-1, 0xffffffff))
+		if binary.LittleEndian.Uint32(p.mbr[446+12:]) != want {
+			b := bytes.Clone(p.mbr)
+			binary.LittleEndian.PutUint32(b[446+12:], want)
+			c := chs(p.diskSectors - 1)
+			copy(b[446+5:446+8], c[:])
+			if err := write("protective MBR", b, 0); err != nil {
+				return err
+			}
+			if err := sync("protective MBR"); err != nil {
+				return err
+			}
+			say("gpt: protective MBR now covers %d sectors", want)
+		}
+	}
+	return nil
+}
+
+func (p *plan) apply(d Device, say func(string, ...any)) error {
+	switch p.table {
+	case "gpt":
+		return p.applyGPT(d, say)
+	case "mbr":
+		return p.applyMBR(d, say)
+	}
+	return errors.New("BUG: unknown table " + p.table)
+}
+
+func human(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit && exp < 5; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
