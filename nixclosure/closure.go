@@ -103,6 +103,9 @@ func (c *Closure) Validate() error {
 				return fmt.Errorf("%s: deriver: %w", p.Path, err)
 			}
 		}
+	}
+	for i := range c.Paths {
+		p := &c.Paths[i]
 		for j, r := range p.References {
 			if j > 0 && p.References[j-1] >= r {
 				if p.References[j-1] == r {

@@ -80,6 +80,9 @@ func parseJSON(data []byte, name string) (*Closure, error) {
 	seen := map[string]int{}
 	for dec.More() {
 		start := base + dec.InputOffset()
+		for start < int64(len(data)) && bytes.IndexByte([]byte(" \t\r\n,"), data[start]) >= 0 {
+			start++
+		}
 		var jp jsonPath
 		if err := dec.Decode(&jp); err != nil {
 			var se *json.SyntaxError
@@ -92,7 +95,7 @@ func parseJSON(data []byte, name string) (*Closure, error) {
 			}
 			return nil, l.errorf(lineOf(start), "%v", err)
 		}
-		line := lineOf(start + 1)
+		line := lineOf(start)
 		if jp.Path == nil {
 			return nil, l.errorf(line, "element without \"path\", want {path, narHash, narSize, references}")
 		}

@@ -39,14 +39,15 @@ in rec {
   # exportReferencesGraph, text form.
   graph = mk "graph" "cp closure $out" { exportReferencesGraph = [ "closure" top ]; };
   # exportReferencesGraph, structured attrs: Nix passes no environment but
-  # writes .attrs.json and .attrs.sh into the build directory.
+  # writes .attrs.json (one line, with outputs.out) into the build directory.
+  # (/bin/sh, not bash: bash builders were killed with signal 9 now and then.)
   sgraph = builtins.derivation {
     name = "sgraph";
     inherit salt;
     system = builtins.currentSystem;
-    builder = "/bin/bash";
+    builder = "/bin/sh";
     __structuredAttrs = true;
     exportReferencesGraph.closure = [ top ];
-    args = [ "-c" "export PATH=/usr/bin:/bin; source .attrs.sh; cp .attrs.json \${outputs[out]}" ];
+    args = [ "-c" "PATH=/usr/bin:/bin; o=$(sed -n 's/.*\"out\":\"\\([^\"]*\\)\".*/\\1/p' .attrs.json); cp .attrs.json $o" ];
   };
 }
