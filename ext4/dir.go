@@ -1,0 +1,295 @@
+package ext4
+
+import (
+	"encoding/binary"
+	"fmt"
+	"math/bits"
+	"sort"
+)
+
+// Directory file types (ext4_dir_entry_2.file_type).
+const (
+	ftReg     = 1
+	ftDir     = 2
+	ftSymlink = 7
+)
+
+type dirent struct {
+	name  string
+	ino   uint32
+	ftype uint8
+}
+
+type dirInfo struct {
+	ino, parent uint32
+	entries     []dirent // in header order, without "." and ".."
+	subdirs     uint32
+}
+
+const (
+	leafSpace   = blockSize - 12 // a leaf block minus its checksum tail
+	dxRootLimit = (blockSize-32)/8 - 1
+	dxNodeLimit = (blockSize-8)/8 - 1
+	dxHashHalf  = 1 // DX_HASH_HALF_MD4; unsigned through s_flags
+)
+
+func recLen(nameLen int) int { return (8 + nameLen + 3) &^ 3 }
+
+// pack splits entries greedily into leaf blocks, returning each block's
+// first index and one past the last.
+func pack(ents []dirent) [][2]int {
+	var out [][2]int
+	start, fill := 0, 0
+	for i, e := range ents {
+		r := recLen(len(e.name))
+		if fill+r > leafSpace {
+			out = append(out, [2]int{start, i})
+			start, fill = i, 0
+		}
+		fill += r
+	}
+	out = append(out, [2]int{start, len(ents)})
+	return out
+}
+
+// putLeaf serialises ents into a leaf block with its checksum tail.
+func putLeaf(b []byte, ents []dirent, seed uint32) {
+	clear(b)
+	off := 0
+	for i, e := range ents {
+		r := recLen(len(e.name))
+		if i == len(ents)-1 {
+			r = leafSpace - off
+		}
+		binary.LittleEndian.PutUint32(b[off:], e.ino)
+		binary.LittleEndian.PutUint16(b[off+4:], uint16(r))
+		b[off+6] = uint8(len(e.name))
+		b[off+7] = e.ftype
+		copy(b[off+8:], e.name)
+		off += r
+	}
+	if len(ents) == 0 {
+		binary.LittleEndian.PutUint16(b[4:], leafSpace)
+	}
+	t := b[leafSpace:]
+	binary.LittleEndian.PutUint16(t[4:], 12)
+	t[7] = 0xDE
+	binary.LittleEndian.PutUint32(t[8:], crc32c(seed, b[:leafSpace]))
+}
+
+// dxCsum sets the dx_tail checksum of an index block whose limit/count
+// header is at countOff.
+func dxCsum(b []byte, countOff int, seed uint32) {
+	limit := int(binary.LittleEndian.Uint16(b[countOff:]))
+	count := int(binary.LittleEndian.Uint16(b[countOff+2:]))
+	tail := countOff + limit*8
+	c := crc32c(seed, b[:countOff+count*8])
+	c = crc32c(c, b[tail:tail+4])
+	c = crc32c(c, []byte{0, 0, 0, 0})
+	binary.LittleEndian.PutUint32(b[tail+4:], c)
+}
+
+type hashedEnt struct {
+	dirent
+	hash, minor uint32
+}
+
+// buildDir returns the blocks of a directory (logical order) and whether it
+// is hash-indexed. seed is the inode's checksum seed.
+func buildDir(d *dirInfo, seed uint32, hashSeed [4]uint32) ([][]byte, bool, error) {
+	all := make([]dirent, 0, len(d.entries)+2)
+	all = append(all, dirent{".", d.ino, ftDir}, dirent{"..", d.parent, ftDir})
+	all = append(all, d.entries...)
+	leaves := pack(all)
+	if len(leaves) == 1 {
+		b := make([]byte, blockSize)
+		putLeaf(b, all, seed)
+		return [][]byte{b}, false, nil
+	}
+	hs := make([]hashedEnt, len(d.entries))
+	for i, e := range d.entries {
+		h, m := halfMD4Hash(e.name, hashSeed)
+		hs[i] = hashedEnt{e, h, m}
+	}
+	sort.SliceStable(hs, func(i, j int) bool {
+		if hs[i].hash != hs[j].hash {
+			return hs[i].hash < hs[j].hash
+		}
+		return hs[i].minor < hs[j].minor
+	})
+	sorted := make([]dirent, len(hs))
+	for i := range hs {
+		sorted[i] = hs[i].dirent
+	}
+	leaves = pack(sorted)
+	nl := len(leaves)
+	leafHash := make([]uint32, nl)
+	for i, l := range leaves {
+		h := hs[l[0]].hash
+		if i > 0 && hs[l[0]-1].hash == h {
+			h |= 1 // the previous leaf holds entries with the same hash
+		}
+		leafHash[i] = h
+	}
+	nodes := 0
+	if nl > dxRootLimit {
+		nodes = (nl + dxNodeLimit - 1) / dxNodeLimit
+		if nodes > dxRootLimit {
+			return nil, false, fmt.Errorf("%w: directory inode %d has %d entries, more than two htree levels hold", ErrTooLarge, d.ino, len(d.entries))
+		}
+	}
+	blocks := make([][]byte, 1+nodes+nl)
+	firstLeaf := 1 + nodes
+	for i, l := range leaves {
+		b := make([]byte, blockSize)
+		putLeaf(b, sorted[l[0]:l[1]], seed)
+		blocks[firstLeaf+i] = b
+	}
+	root := make([]byte, blockSize)
+	binary.LittleEndian.PutUint32(root[0:], d.ino)
+	binary.LittleEndian.PutUint16(root[4:], 12)
+	root[6], root[7] = 1, ftDir
+	root[8] = '.'
+	binary.LittleEndian.PutUint32(root[12:], d.parent)
+	binary.LittleEndian.PutUint16(root[16:], blockSize-12)
+	root[18], root[19] = 2, ftDir
+	root[20], root[21] = '.', '.'
+	root[28] = dxHashHalf
+	root[29] = 8
+	// putEntries writes an index's entries (hash, logical block) at off,
+	// the first entry's hash slot holding limit and count.
+	putEntries := func(b []byte, off, limit int, hashes []uint32, lblocks []uint32) {
+		binary.LittleEndian.PutUint16(b[off:], uint16(limit))
+		binary.LittleEndian.PutUint16(b[off+2:], uint16(len(hashes)))
+		for i := range hashes {
+			if i > 0 {
+				binary.LittleEndian.PutUint32(b[off+8*i:], hashes[i])
+			}
+			binary.LittleEndian.PutUint32(b[off+8*i+4:], lblocks[i])
+		}
+	}
+	lb := func(first, n int) []uint32 {
+		out := make([]uint32, n)
+		for i := range out {
+			out[i] = uint32(first + i)
+		}
+		return out
+	}
+	if nodes == 0 {
+		putEntries(root, 32, dxRootLimit, leafHash, lb(firstLeaf, nl))
+	} else {
+		root[30] = 1
+		nodeHash := make([]uint32, nodes)
+		for j := 0; j < nodes; j++ {
+			lo, hi := j*dxNodeLimit, min((j+1)*dxNodeLimit, nl)
+			nodeHash[j] = leafHash[lo]
+			b := make([]byte, blockSize)
+			binary.LittleEndian.PutUint16(b[4:], blockSize)
+			putEntries(b, 8, dxNodeLimit, leafHash[lo:hi], lb(firstLeaf+lo, hi-lo))
+			dxCsum(b, 8, seed)
+			blocks[1+j] = b
+		}
+		putEntries(root, 32, dxRootLimit, nodeHash, lb(1, nodes))
+	}
+	dxCsum(root, 32, seed)
+	blocks[0] = root
+	return blocks, true, nil
+}
+
+// halfMD4Hash is the kernel's DX_HASH_HALF_MD4_UNSIGNED (fs/ext4/hash.c).
+func halfMD4Hash(name string, seed [4]uint32) (hash, minor uint32) {
+	buf := [4]uint32{0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476}
+	if seed != [4]uint32{} {
+		buf = seed
+	}
+	p := []byte(name)
+	var in [8]uint32
+	for l := len(p); l > 0; l -= 32 {
+		str2hashbuf(p, l, in[:])
+		halfMD4Transform(&buf, &in)
+		if len(p) > 32 {
+			p = p[32:]
+		} else {
+			p = nil
+		}
+	}
+	hash = buf[1] &^ 1
+	if hash == 0x7fffffff<<1 {
+		hash = (0x7fffffff - 1) << 1
+	}
+	return hash, buf[2]
+}
+
+func str2hashbuf(msg []byte, l int, buf []uint32) {
+	num := len(buf)
+	pad := uint32(l) | uint32(l)<<8
+	pad |= pad << 16
+	val := pad
+	if l > num*4 {
+		l = num * 4
+	}
+	k := 0
+	for i := 0; i < l; i++ {
+		val = uint32(msg[i]) + val<<8
+		if i%4 == 3 {
+			buf[k] = val
+			k++
+			val = pad
+			num--
+		}
+	}
+	num--
+	if num >= 0 {
+		buf[k] = val
+		k++
+	}
+	for num--; num >= 0; num-- {
+		buf[k] = pad
+		k++
+	}
+}
+
+func halfMD4Transform(buf *[4]uint32, in *[8]uint32) {
+	const (
+		k2 = 013240474631
+		k3 = 015666365641
+	)
+	f := func(x, y, z uint32) uint32 { return z ^ (x & (y ^ z)) }
+	g := func(x, y, z uint32) uint32 { return (x & y) + ((x ^ y) & z) }
+	h := func(x, y, z uint32) uint32 { return x ^ y ^ z }
+	a, b, c, d := buf[0], buf[1], buf[2], buf[3]
+	r := func(fn func(x, y, z uint32) uint32, a *uint32, b, c, d, x uint32, s int) {
+		*a = bits.RotateLeft32(*a+fn(b, c, d)+x, s)
+	}
+	r(f, &a, b, c, d, in[0], 3)
+	r(f, &d, a, b, c, in[1], 7)
+	r(f, &c, d, a, b, in[2], 11)
+	r(f, &b, c, d, a, in[3], 19)
+	r(f, &a, b, c, d, in[4], 3)
+	r(f, &d, a, b, c, in[5], 7)
+	r(f, &c, d, a, b, in[6], 11)
+	r(f, &b, c, d, a, in[7], 19)
+
+	r(g, &a, b, c, d, in[1]+k2, 3)
+	r(g, &d, a, b, c, in[3]+k2, 5)
+	r(g, &c, d, a, b, in[5]+k2, 9)
+	r(g, &b, c, d, a, in[7]+k2, 13)
+	r(g, &a, b, c, d, in[0]+k2, 3)
+	r(g, &d, a, b, c, in[2]+k2, 5)
+	r(g, &c, d, a, b, in[4]+k2, 9)
+	r(g, &b, c, d, a, in[6]+k2, 13)
+
+	r(h, &a, b, c, d, in[3]+k3, 3)
+	r(h, &d, a, b, c, in[7]+k3, 9)
+	r(h, &c, d, a, b, in[2]+k3, 11)
+	r(h, &b, c, d, a, in[6]+k3, 15)
+	r(h, &a, b, c, d, in[1]+k3, 3)
+	r(h, &d, a, b, c, in[5]+k3, 9)
+	r(h, &c, d, a, b, in[0]+k3, 11)
+	r(h, &b, c, d, a, in[4]+k3, 15)
+
+	buf[0] += a
+	buf[1] += b
+	buf[2] += c
+	buf[3] += d
+}
