@@ -3,6 +3,7 @@ package nixdb
 import (
 	"bytes"
 	"crypto/sha256"
+	"database/sql"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -288,6 +289,53 @@ func TestNixAcceptsDatabase(t *testing.T) {
 	want := run(t, "nix-store", "-q", "--requisites", top)
 	if !bytes.Equal(got, want) {
 		t.Errorf("--requisites: got %q, want %q", got, want)
+	}
+
+	// Rows as Nix itself writes them (hash as sha256:<base16>, NULLs), read
+	// from the host's database; registrationTime and ultimate differ by
+	// design (fixed time; not built on the image's machine).
+	hostDB, err := sql.Open("sqlite", "file:/nix/var/nix/db/db.sqlite?mode=ro")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hostDB.Close()
+	ourDB, err := sql.Open("sqlite", "file:"+filepath.Join(dbDir, "db.sqlite")+"?mode=ro")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ourDB.Close()
+	const q = `select path, hash, coalesce(deriver, 'NULL'), coalesce(narSize, 'NULL'), coalesce(sigs, 'NULL'), coalesce(ca, 'NULL'),
+		coalesce((select group_concat(r.path, ' ') from (select v.path from Refs join ValidPaths v on v.id = Refs.reference
+			where Refs.referrer = ValidPaths.id order by v.path) r), '')
+		from ValidPaths where path = ?`
+	for _, p := range names {
+		var h, o [7]string
+		if err := hostDB.QueryRow(q, p).Scan(&h[0], &h[1], &h[2], &h[3], &h[4], &h[5], &h[6]); err != nil {
+			t.Fatalf("host db: %v", err)
+		}
+		if err := ourDB.QueryRow(q, p).Scan(&o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6]); err != nil {
+			t.Fatalf("our db: %v", err)
+		}
+		if h != o {
+			t.Errorf("ValidPaths row:\ngot  %q\nwant %q", o, h)
+		}
+	}
+	var ic string
+	if err := ourDB.QueryRow("pragma integrity_check").Scan(&ic); err != nil || ic != "ok" {
+		t.Errorf("integrity_check: got %q, %v", ic, err)
+	}
+
+	// Nix can register new paths on top (autoincrement past our ids).
+	extra := filepath.Join(t.TempDir(), "extra")
+	if err := os.WriteFile(extra, []byte(fmt.Sprint(time.Now().UnixNano())), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	added := strings.TrimSpace(string(run(t, "nix-store", "--store", storeURI, "--add", extra)))
+	if got := run(t, "nix-store", "--store", storeURI, "-q", "--hash", added); len(got) == 0 {
+		t.Errorf("%s not valid after --add", added)
+	}
+	if out, err := verify(); err != nil {
+		t.Fatalf("nix-store --verify after --add: %v\n%s", err, out)
 	}
 
 	// The check can fail: corrupt one file and Nix must notice.
