@@ -62,7 +62,7 @@ func (c *Closure) HasHashes() bool {
 }
 
 // sortPaths sorts the paths and each reference list.
-func (c *Closure) sortPaths() {
+func (c *Closure) Sort() {
 	sort.Slice(c.Paths, func(i, j int) bool { return c.Paths[i].Path < c.Paths[j].Path })
 	for i := range c.Paths {
 		sort.Strings(c.Paths[i].References)

@@ -133,7 +133,7 @@ func parseJSON(data []byte, name string) (*Closure, error) {
 	if _, err := dec.Token(); err != nil {
 		return nil, wrap(err)
 	}
-	c.sortPaths()
+	c.Sort()
 	for _, p := range c.Paths {
 		for j := 1; j < len(p.References); j++ {
 			if p.References[j] == p.References[j-1] {

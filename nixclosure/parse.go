@@ -190,7 +190,7 @@ func parseLines(data []byte, name string, withHashes bool) (*Closure, error) {
 		pi.References = refs
 		c.Paths = append(c.Paths, pi)
 	}
-	c.sortPaths()
+	c.Sort()
 	for _, p := range c.Paths {
 		for j := 1; j < len(p.References); j++ {
 			if p.References[j] == p.References[j-1] {
