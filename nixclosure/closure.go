@@ -61,7 +61,8 @@ func (c *Closure) HasHashes() bool {
 	return true
 }
 
-// sortPaths sorts the paths and each reference list.
+// Sort sorts the paths by path and each reference list, the order Validate
+// wants. The parsers return closures already sorted.
 func (c *Closure) Sort() {
 	sort.Slice(c.Paths, func(i, j int) bool { return c.Paths[i].Path < c.Paths[j].Path })
 	for i := range c.Paths {
