@@ -14,3 +14,4 @@ func sha256Bytes(b []byte) []byte {
 	h := sha256.Sum256(b)
 	return h[:]
 }
+
