@@ -365,4 +365,3 @@ func (w *Writer) encodeSuper(b []byte, group uint32, freeBlocks, freeInodes uint
 	b[0x175] = 1 // s_checksum_type: crc32c
 	le.PutUint32(b[0x3FC:], crc32c(^uint32(0), b[:0x3FC]))
 }
-

@@ -127,7 +127,8 @@ func hardlink(name, target string) tfile {
 }
 
 // sampleTree covers every kind of entry; bigDir entries go into "many".
-func sampleTree(bigDir int) []tfile {
+// With big, it has a 640 MiB file (an extent tree block).
+func sampleTree(bigDir int, big bool) []tfile {
 	tr := []tfile{
 		{h: Header{Name: ".", Type: TypeDir, Mode: 0o755, Mtime: mt}},
 		dir("etc", 0o755),
@@ -154,8 +155,12 @@ func sampleTree(bigDir int) []tfile {
 		dir("nix/store/abc-hello-1.0/bin", 0o555),
 		reg("nix/store/abc-hello-1.0/bin/hello", 0o555, 30000, 10),
 		// Five or more extents: an extent tree block.
-		reg("big", 0o644, 5*maxExtentLen*blockSize+777, 11),
 		dir("many", 0o755),
+	}
+	if big {
+		tr = append(tr, reg("big", 0o644, 5*maxExtentLen*blockSize+777, 11))
+	} else {
+		tr = append(tr, reg("medium", 0o644, 20<<20+1, 11))
 	}
 	for i := 0; i < bigDir; i++ {
 		name := fmt.Sprintf("many/%05d-%s", i, strings.Repeat("n", i%50))
@@ -202,16 +207,19 @@ type want struct {
 }
 
 func expected(tree []tfile) map[string]*want {
-	m := map[string]*want{}
+	m := map[string]*want{".": {mode: fs.ModeDir | 0o755, mtime: 1700000000, nlink: 3}} // 3: lost+found
 	for _, e := range tree {
 		h := e.h
 		name := strings.TrimPrefix(h.Name, "./")
 		switch h.Type {
 		case TypeDir:
-			m[name] = &want{mode: fs.ModeDir | perm(h.Mode), uid: h.Uid, gid: h.Gid, mtime: h.Mtime, nlink: 2}
-			if name != "." {
-				m[filepath.Dir(name)].nlink++
+			if name == "." {
+				r := m["."]
+				r.mode, r.uid, r.gid, r.mtime = fs.ModeDir|perm(h.Mode), h.Uid, h.Gid, h.Mtime
+				continue
 			}
+			m[name] = &want{mode: fs.ModeDir | perm(h.Mode), uid: h.Uid, gid: h.Gid, mtime: h.Mtime, nlink: 2}
+			m[filepath.Dir(name)].nlink++
 		case TypeReg:
 			s := sha256.New()
 			io.Copy(s, content(h.Size, e.seed))
@@ -231,15 +239,6 @@ func expected(tree []tfile) map[string]*want {
 			m[name] = &c
 		}
 	}
-	if _, ok := m["."]; !ok {
-		m["."] = &want{mode: fs.ModeDir | 0o755, mtime: 1700000000, nlink: 2}
-		for n, w := range m {
-			if n != "." && !strings.Contains(n, "/") && w.mode.IsDir() {
-				m["."].nlink++
-			}
-		}
-	}
-	m["."].nlink++ // lost+found
 	// Hard links share their target's final link count.
 	for _, w := range m {
 		if w.linkOf != "" {
@@ -376,7 +375,7 @@ func rdump(t testing.TB, img string) string {
 }
 
 func TestWriterTree(t *testing.T) {
-	tree := sampleTree(5000)
+	tree := sampleTree(5000, true)
 	opts := testOpts(1 << 30)
 	img, _ := mustBuild(t, tree, opts)
 	e2fsck(t, img)
@@ -439,7 +438,7 @@ func TestWriterTree(t *testing.T) {
 // descriptors and checksums), writes, unmounts and checks again.
 func TestMountReadWrite(t *testing.T) {
 	testutil.NeedRoot(t)
-	tree := sampleTree(600)
+	tree := sampleTree(600, false)
 	img, _ := mustBuild(t, tree, testOpts(1<<30))
 	mnt := t.TempDir()
 	if out, err := exec.Command("mount", "-t", "ext4", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
@@ -467,9 +466,9 @@ func TestMountReadWrite(t *testing.T) {
 }
 
 func TestDeterministic(t *testing.T) {
-	tree := sampleTree(3000)
-	a, _ := mustBuild(t, tree, testOpts(1<<30))
-	b, _ := mustBuild(t, tree, testOpts(1<<30))
+	tree := sampleTree(3000, false)
+	a, _ := mustBuild(t, tree, testOpts(256<<20))
+	b, _ := mustBuild(t, tree, testOpts(256<<20))
 	da, err := os.ReadFile(a)
 	if err != nil {
 		t.Fatal(err)
@@ -482,7 +481,7 @@ func TestDeterministic(t *testing.T) {
 		t.Fatal("two builds of the same tree differ")
 	}
 	// A different seed must change the bytes: the test can fail.
-	o := testOpts(1 << 30)
+	o := testOpts(256 << 20)
 	o.HashSeed[0]++
 	c, _ := mustBuild(t, tree, o)
 	dc, _ := os.ReadFile(c)
@@ -508,15 +507,7 @@ func TestSparse(t *testing.T) {
 }
 
 func TestMinSize(t *testing.T) {
-	tree := sampleTree(400)
-	tree = tree[:len(tree)-0]
-	// Drop the huge file so that the minimum is small.
-	var small []tfile
-	for _, e := range tree {
-		if e.h.Name != "big" {
-			small = append(small, e)
-		}
-	}
+	small := sampleTree(400, false)
 	_, w := mustBuild(t, small, testOpts(1<<30))
 	u := w.Usage()
 	size := MinSize(u)
@@ -546,27 +537,26 @@ func TestMinSize(t *testing.T) {
 
 func TestGrowResize2fs(t *testing.T) {
 	bin := testutil.NeedTool(t, "resize2fs")[0]
-	tree := sampleTree(300)
-	var small []tfile
-	for _, e := range tree {
-		if e.h.Name != "big" {
-			small = append(small, e)
-		}
+	small := sampleTree(300, false)
+	// 64 MiB fits one descriptor block before and after; 1 GiB -> 64 GiB
+	// needs 8 descriptor blocks where there is 1 and no reserved ones.
+	for _, size := range []int64{64 << 20, 1 << 30} {
+		t.Run(fmt.Sprint(size>>20, "MiB"), func(t *testing.T) {
+			img, _ := mustBuild(t, small, testOpts(size))
+			if err := os.Truncate(img, 64*size); err != nil {
+				t.Fatal(err)
+			}
+			out, err := exec.Command(bin, img).CombinedOutput()
+			if err != nil {
+				t.Fatalf("%s %s: %v\n%s", bin, img, err, out)
+			}
+			if want := fmt.Sprintf("is now %d (4k) blocks long", 64*size/blockSize); !strings.Contains(string(out), want) {
+				t.Fatalf("resize2fs did not grow to 64x (%q):\n%s", want, out)
+			}
+			e2fsck(t, img)
+			compareTree(t, rdump(t, img), small, checkFlags{})
+		})
 	}
-	const size = 64 << 20
-	img, _ := mustBuild(t, small, testOpts(size))
-	if err := os.Truncate(img, 64*size); err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command(bin, img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", bin, img, err, out)
-	}
-	if !strings.Contains(string(out), "is now 1048576 (4k) blocks long") {
-		t.Fatalf("resize2fs did not grow to 64x:\n%s", out)
-	}
-	e2fsck(t, img)
-	compareTree(t, rdump(t, img), small, checkFlags{})
 }
 
 func TestErrors(t *testing.T) {
