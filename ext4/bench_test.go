@@ -1,0 +1,93 @@
+package ext4
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nixvm-image/nixvm-image/internal/testutil"
+)
+
+// storeTree is shaped like a Nix store: one directory with `top` package
+// directories, each with files, `files` entries in all.
+func storeTree(top, files int) []tfile {
+	tr := []tfile{dir("nix", 0o755), dir("nix/store", 0o1775)}
+	per := max(1, (files-top)/top)
+	n := len(tr)
+	for i := 0; i < top && n < files; i++ {
+		d := fmt.Sprintf("nix/store/%032x-package-%d", uint64(i)*0x9E3779B97F4A7C15, i)
+		tr = append(tr, dir(d, 0o555))
+		n++
+		for j := 0; j < per && n < files; j++ {
+			tr = append(tr, reg(fmt.Sprintf("%s/file-%d", d, j), 0o444, int64(j*100), byte(j)))
+			n++
+		}
+	}
+	return tr
+}
+
+func BenchmarkWriter(b *testing.B) {
+	for _, c := range []struct{ top, files int }{{4000, 10000}, {20000, 50000}} {
+		tree := storeTree(c.top, c.files)
+		b.Run(fmt.Sprintf("files=%d,dir=%d", c.files, c.top), func(b *testing.B) {
+			buf := make([]byte, 64<<10)
+			for b.Loop() {
+				w, err := NewWriter(discard{}, testOpts(8<<30))
+				if err != nil {
+					b.Fatal(err)
+				}
+				for i := range tree {
+					e := &tree[i]
+					if err := w.WriteHeader(&e.h); err != nil {
+						b.Fatal(err)
+					}
+					if e.h.Size > 0 {
+						io.CopyBuffer(w, content(e.h.Size, e.seed), buf)
+					}
+				}
+				if err := w.Close(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// TestHtreeTwoLevels builds a directory whose leaves overflow one dx_root
+// (more than 507 leaf blocks), so it gets a second index level.
+func TestHtreeTwoLevels(t *testing.T) {
+	tr := []tfile{dir("d", 0o755)}
+	const n = 12000
+	for i := 0; i < n; i++ {
+		tr = append(tr, reg(fmt.Sprintf("d/%05d-%s", i, strings.Repeat("y", 190)), 0o644, 0, 0))
+	}
+	img, _ := mustBuild(t, tr, testOpts(256<<20))
+	e2fsck(t, img)
+	bin := testutil.NeedTool(t, "debugfs")[0]
+	out, err := exec.Command(bin, "-R", "htree d", img).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "Indirect levels: 1") {
+		t.Fatalf("debugfs htree d: want 1 indirect level: %v\n%.2000s", err, out)
+	}
+	t.Run("mount", func(t *testing.T) {
+		testutil.NeedRoot(t)
+		mnt := t.TempDir()
+		if out, err := exec.Command("mount", "-t", "ext4", "-o", "loop,ro", img, mnt).CombinedOutput(); err != nil {
+			testutil.Skip(t, "mount: %v\n%s", err, out)
+		}
+		defer exec.Command("umount", mnt).Run()
+		// Lookups by name go through the index.
+		for i := 0; i < n; i += 7 {
+			if _, err := os.Lstat(filepath.Join(mnt, tr[1+i].h.Name)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ents, err := os.ReadDir(filepath.Join(mnt, "d"))
+		if err != nil || len(ents) != n {
+			t.Fatalf("readdir: got %d entries (%v), want %d", len(ents), err, n)
+		}
+	})
+}
