@@ -91,3 +91,53 @@ func TestHtreeTwoLevels(t *testing.T) {
 		}
 	})
 }
+
+func TestPlanner(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		tree []tfile
+	}{
+		{"sample", sampleTree(2000, true)},
+		{"store", storeTree(3000, 9000)},
+		{"two-level", func() []tfile {
+			tr := []tfile{dir("d", 0o755)}
+			for i := 0; i < 11000; i++ {
+				tr = append(tr, reg(fmt.Sprintf("d/%05d-%s", i, strings.Repeat("y", 190)), 0o644, 1, 0))
+			}
+			return tr
+		}()},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			p := NewPlanner(testOpts(0))
+			for i := range c.tree {
+				p.Add(&c.tree[i].h)
+			}
+			pu := p.Usage()
+			w, err := NewWriter(discard{}, testOpts(2<<30))
+			if err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 1<<20)
+			for i := range c.tree {
+				e := &c.tree[i]
+				if err := w.WriteHeader(&e.h); err != nil {
+					t.Fatal(err)
+				}
+				if e.h.Size > 0 {
+					io.CopyBuffer(w, content(e.h.Size, e.seed), buf)
+				}
+			}
+			if err := w.Close(); err != nil {
+				t.Fatal(err)
+			}
+			wu := w.Usage()
+			if pu.Inodes != wu.Inodes || pu.Blocks < wu.Blocks || pu.Blocks > wu.Blocks+wu.Blocks/1000+8 {
+				t.Fatalf("planner usage %+v, writer usage %+v: want equal inodes and blocks at least the writer's, within 0.1%%", pu, wu)
+			}
+			// The planned size is enough.
+			if _, _, err := build(t, c.tree, testOpts(MinSize(pu))); err != nil {
+				t.Fatalf("build at MinSize(planned): %v", err)
+			}
+		})
+	}
+}
