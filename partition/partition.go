@@ -265,9 +265,15 @@ func (p *Plan) WriteTable(dst io.WriterAt, ids IDs) error {
 	return nil
 }
 
+// ReadWriterAt is a disk: the ESP writer reads back what go-diskfs wrote.
+type ReadWriterAt interface {
+	io.ReaderAt
+	io.WriterAt
+}
+
 // WriteESP formats the ESP of p as an empty FAT32 file system labelled
 // "ESP", the label NixOS' make-disk-image uses.
-func (p *Plan) WriteESP(dst io.WriterAt, ids IDs) error {
+func (p *Plan) WriteESP(dst ReadWriterAt, ids IDs) error {
 	if p.ESP.Size == 0 {
 		return nil
 	}
@@ -283,6 +289,46 @@ func (p *Plan) WriteESP(dst io.WriterAt, ids IDs) error {
 		if _, err := dst.WriteAt(serial[:], p.ESP.Start+sector*SectorSize+0x43); err != nil {
 			return fmt.Errorf("partition: write ESP serial: %w", err)
 		}
+	}
+	return fixLabelTime(dst, p.ESP.Start)
+}
+
+// fixLabelTime gives the volume label's directory entry, which go-diskfs
+// stamps with the current time, a fixed one: 1980-01-01 00:00, FAT's epoch.
+func fixLabelTime(d ReadWriterAt, start int64) error {
+	var bs [SectorSize]byte
+	if _, err := d.ReadAt(bs[:], start); err != nil {
+		return fmt.Errorf("partition: read ESP boot sector: %w", err)
+	}
+	bps := int64(binary.LittleEndian.Uint16(bs[11:]))
+	spc := int64(bs[13])
+	reserved := int64(binary.LittleEndian.Uint16(bs[14:]))
+	fats := int64(bs[16])
+	spf := int64(binary.LittleEndian.Uint32(bs[36:]))
+	rootCluster := int64(binary.LittleEndian.Uint32(bs[44:]))
+	if bps != SectorSize || spc == 0 || rootCluster < 2 {
+		return fmt.Errorf("partition: BUG: unexpected FAT32 boot sector (bytes/sector %d, sectors/cluster %d)", bps, spc)
+	}
+	rootOff := start + (reserved+fats*spf+(rootCluster-2)*spc)*bps
+	dir := make([]byte, spc*bps)
+	if _, err := d.ReadAt(dir, rootOff); err != nil {
+		return fmt.Errorf("partition: read ESP root directory: %w", err)
+	}
+	for off := 0; off+32 <= len(dir) && dir[off] != 0; off += 32 {
+		e := dir[off : off+32]
+		if e[11]&0x08 == 0 || e[11] == 0x0f { // not a volume label (or an LFN entry)
+			continue
+		}
+		const fatEpochDate = 1<<5 | 1 // 1980-01-01
+		e[13] = 0
+		binary.LittleEndian.PutUint16(e[14:], 0)
+		binary.LittleEndian.PutUint16(e[16:], fatEpochDate)
+		binary.LittleEndian.PutUint16(e[18:], fatEpochDate)
+		binary.LittleEndian.PutUint16(e[22:], 0)
+		binary.LittleEndian.PutUint16(e[24:], fatEpochDate)
+	}
+	if _, err := d.WriteAt(dir, rootOff); err != nil {
+		return fmt.Errorf("partition: write ESP root directory: %w", err)
 	}
 	return nil
 }

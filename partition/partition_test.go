@@ -165,3 +165,40 @@ func TestDeterministic(t *testing.T) {
 		}
 	}
 }
+
+// TestESPLabelTime checks that no wall-clock time reaches the ESP: go-diskfs
+// stamps the volume label entry with time.Now(), which we overwrite.
+func TestESPLabelTime(t *testing.T) {
+	name, p := writeDisk(t, EFI, "seed")
+	disk, err := os.ReadFile(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	esp := disk[p.ESP.Start:]
+	spf := int64(esp[36]) | int64(esp[37])<<8 | int64(esp[38])<<16 | int64(esp[39])<<24
+	root := esp[(32+2*spf)*SectorSize:]
+	found := false
+	for off := 0; off < 4096 && root[off] != 0; off += 32 {
+		e := root[off : off+32]
+		if e[11]&0x08 == 0 || e[11] == 0x0f {
+			continue
+		}
+		found = true
+		if string(e[:3]) != "ESP" {
+			t.Errorf("label entry: got %q, want ESP", e[:11])
+		}
+		for _, f := range []int{14, 16, 18, 22, 24} {
+			got := int(e[f]) | int(e[f+1])<<8
+			want := 0
+			if f == 16 || f == 18 || f == 24 {
+				want = 0x21
+			}
+			if got != want {
+				t.Errorf("label entry field at %d: got %#x, want %#x", f, got, want)
+			}
+		}
+	}
+	if !found {
+		t.Fatal("no volume label entry in the ESP root directory")
+	}
+}

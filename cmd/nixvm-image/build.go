@@ -1,0 +1,272 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/pflag"
+
+	"github.com/nixvm-image/nixvm-image/imagebuild"
+	"github.com/nixvm-image/nixvm-image/nixclosure"
+	"github.com/nixvm-image/nixvm-image/partition"
+	"github.com/nixvm-image/nixvm-image/qcow"
+)
+
+type buildOptions struct {
+	toplevel     string
+	closure      string
+	output       string
+	force        bool
+	layout       string
+	size         string
+	espSize      string
+	format       string
+	compression  string
+	jobs         int
+	quiet        bool
+	noBootloader bool
+}
+
+func (o *buildOptions) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.toplevel, "toplevel", "", "the system's store path (/nix/store/…-nixos-system-…); its closure comes from the local Nix unless --closure is given")
+	fs.StringVar(&o.closure, "closure", "", "closure description FILE: exportReferencesGraph text, `nix-store --dump-db` or closureInfo registration, or structured-attrs JSON")
+	fs.StringVarP(&o.output, "output", "o", "", "image file to write (required); the block manifest goes to OUTPUT.manifest")
+	fs.BoolVar(&o.force, "force", false, "replace an existing output")
+	fs.StringVar(&o.layout, "layout", string(partition.Legacy), "partition layout: legacy (MBR), legacy+gpt (GPT + bios_grub), efi (GPT + ESP), hybrid (GPT + bios_grub + ESP)")
+	fs.StringVar(&o.size, "size", "auto", "disk size, e.g. 4G or 4096M; auto = closure + metadata + 10% + 512 MiB")
+	fs.StringVar(&o.espSize, "esp-size", "512M", "EFI system partition size for efi and hybrid layouts (at least 512M)")
+	fs.StringVar(&o.format, "format", "qcow2", "output format: qcow2 or raw")
+	fs.StringVar(&o.compression, "compression", "zstd", "qcow2 cluster compression: zstd, zlib or none")
+	fs.IntVarP(&o.jobs, "jobs", "j", 0, "compression workers (default: all cores); the output is the same for any value")
+	fs.BoolVarP(&o.quiet, "quiet", "q", false, "print nothing but errors")
+	fs.BoolVar(&o.noBootloader, "no-bootloader", false, "install no bootloader (for direct kernel boot); currently no build installs one")
+}
+
+func init() {
+	register(&command{
+		name:    "build",
+		summary: "build a NixOS disk image from a system closure",
+		usage:   "--toplevel PATH | --closure FILE  -o IMAGE [flags]",
+		help: `Writes a deterministic disk image holding the closure, its Nix database and the
+system profile, without root, loop devices, KVM or a VM. The same closure gives the
+same bytes (timestamps come from SOURCE_DATE_EPOCH, default 1).
+
+The root file system is ext4 labelled "nixos". Beside IMAGE the build writes
+IMAGE.manifest, the 4 KiB block hashes that push uses to send only what a host lacks.
+
+Examples:
+  nixvm-image build --toplevel /nix/store/…-nixos-system-baseline -o baseline.qcow2
+  nixvm-image build --closure ./closure -o baseline.qcow2 --layout efi
+  nixvm-image build --toplevel "$(nix-build '<nixpkgs/nixos>' -A system)" -o vm.raw --format raw
+
+With --closure, the system is the closure's one root (the path no other path
+references); name it with --toplevel when the file describes several roots.`,
+		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
+			o := &buildOptions{}
+			o.AddFlags(fs)
+			return func(ctx context.Context, c Context, args []string) error { return runBuild(ctx, o, c, args) }
+		},
+	})
+}
+
+func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) error {
+	if len(args) > 0 {
+		return usagef("unexpected argument %q: building from a NixOS configuration file is not supported yet; build the system with nix-build and pass --toplevel", args[0])
+	}
+	if o.output == "" {
+		return usagef("--output (-o) is required: name the image file to write")
+	}
+	if o.toplevel == "" && o.closure == "" {
+		return usagef("give --toplevel PATH or --closure FILE")
+	}
+	layout, err := partition.ParseLayout(o.layout)
+	if err != nil {
+		return usagef("--layout: %v", err)
+	}
+	var size int64
+	if o.size != "auto" {
+		if size, err = parseSize(o.size); err != nil {
+			return usagef("--size %q: %v; use a size like 4G, or auto", o.size, err)
+		}
+	}
+	espSize, err := parseSize(o.espSize)
+	if err != nil {
+		return usagef("--esp-size %q: %v", o.espSize, err)
+	}
+	format := imagebuild.Format(o.format)
+	if format != imagebuild.FormatQcow2 && format != imagebuild.FormatRaw {
+		return usagef("--format %q: want qcow2 or raw", o.format)
+	}
+	var comp qcow.Compression
+	switch o.compression {
+	case "zstd":
+		comp = qcow.Zstd
+	case "zlib":
+		comp = qcow.Zlib
+	case "none":
+		comp = qcow.None
+	default:
+		return usagef("--compression %q: want zstd, zlib or none", o.compression)
+	}
+	epoch := int64(1)
+	if s := os.Getenv("SOURCE_DATE_EPOCH"); s != "" {
+		if epoch, err = strconv.ParseInt(s, 10, 64); err != nil || epoch < 0 {
+			return fmt.Errorf("SOURCE_DATE_EPOCH=%q is not a number of seconds; unset it or fix it", s)
+		}
+	}
+	// Refuse an existing output before any work.
+	if !o.force {
+		if _, err := os.Lstat(o.output); err == nil {
+			return fmt.Errorf("%s exists; pass --force to replace it", o.output)
+		}
+	}
+
+	closure, toplevel, err := loadClosure(ctx, o.closure, o.toplevel)
+	if err != nil {
+		return err
+	}
+	log := c.Stderr
+	if o.quiet {
+		log = nil
+	}
+	var pr *progress
+	if !o.quiet {
+		pr = newProgress(c.Stderr, isTerminal(c.Stderr))
+		defer pr.finish()
+	}
+	opts := imagebuild.Options{
+		Closure:     closure,
+		Toplevel:    toplevel,
+		Output:      o.output,
+		Force:       o.force,
+		Layout:      layout,
+		Size:        size,
+		ESPSize:     espSize,
+		Format:      format,
+		Compression: comp,
+		Workers:     o.jobs,
+		Epoch:       epoch,
+		Log:         logWriter(log, pr),
+	}
+	if pr != nil {
+		opts.Progress = pr
+	}
+	res, err := imagebuild.Build(ctx, opts)
+	if pr != nil {
+		pr.finish()
+	}
+	if err != nil {
+		return err
+	}
+	if !o.quiet {
+		secs := res.Duration.Seconds()
+		fmt.Fprintf(c.Stdout, "built %s: %d store paths, %s of files, disk %s, output %s, digest %x, in %.1fs (%.0f MB/s)\n",
+			res.Output, res.Paths, human(res.NarBytes), human(res.DiskSize), human(res.OutputSize), res.Digest[:8], secs, float64(res.NarBytes)/1e6/max(secs, 1e-3))
+	}
+	return nil
+}
+
+// loadClosure reads the closure from a file or from the local Nix, validates
+// it, and names its system path.
+func loadClosure(ctx context.Context, file, toplevel string) (*nixclosure.Closure, string, error) {
+	var c *nixclosure.Closure
+	var err error
+	if file != "" {
+		f, err := os.Open(file)
+		if err != nil {
+			return nil, "", fmt.Errorf("--closure: %w", err)
+		}
+		c, err = nixclosure.Parse(f, file)
+		f.Close()
+		if err != nil {
+			return nil, "", err
+		}
+	} else {
+		toplevel = strings.TrimRight(toplevel, "/")
+		c, err = nixclosure.FromToplevel(ctx, toplevel)
+		if err != nil {
+			return nil, "", fmt.Errorf("--toplevel %s: %w", toplevel, err)
+		}
+	}
+	if err := c.Validate(); err != nil {
+		return nil, "", err
+	}
+	if toplevel != "" {
+		if c.Lookup(toplevel) == nil {
+			return nil, "", fmt.Errorf("--toplevel %s is not in the closure %s", toplevel, file)
+		}
+		return c, toplevel, nil
+	}
+	roots := closureRoots(c)
+	if len(roots) != 1 {
+		return nil, "", fmt.Errorf("--closure %s has %d roots (%s); name the system with --toplevel", file, len(roots), strings.Join(roots[:min(3, len(roots))], ", "))
+	}
+	return c, roots[0], nil
+}
+
+// closureRoots lists the paths that no other path references.
+func closureRoots(c *nixclosure.Closure) []string {
+	referenced := map[string]bool{}
+	for _, p := range c.Paths {
+		for _, r := range p.References {
+			if r != p.Path {
+				referenced[r] = true
+			}
+		}
+	}
+	var roots []string
+	for _, p := range c.Paths {
+		if !referenced[p.Path] {
+			roots = append(roots, p.Path)
+		}
+	}
+	return roots
+}
+
+// parseSize parses 4G, 512M, 1.5G, 4096 (bytes); binary units.
+func parseSize(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return 0, errors.New("empty size")
+	}
+	mult := int64(1)
+	u := strings.ToUpper(strings.TrimSuffix(strings.TrimSuffix(s, "B"), "i"))
+	if u == "" {
+		return 0, errors.New("no number")
+	}
+	switch u[len(u)-1] {
+	case 'K':
+		mult = 1 << 10
+	case 'M':
+		mult = 1 << 20
+	case 'G':
+		mult = 1 << 30
+	case 'T':
+		mult = 1 << 40
+	}
+	if mult > 1 {
+		u = u[:len(u)-1]
+	}
+	f, err := strconv.ParseFloat(u, 64)
+	if err != nil || f <= 0 {
+		return 0, errors.New("not a positive size")
+	}
+	return int64(f * float64(mult)), nil
+}
+
+func human(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,646 @@
+package imagebuild
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/nixvm-image/nixvm-image/ext4"
+	"github.com/nixvm-image/nixvm-image/manifest"
+	"github.com/nixvm-image/nixvm-image/nixclosure"
+	"github.com/nixvm-image/nixvm-image/nixdb"
+	"github.com/nixvm-image/nixvm-image/partition"
+	"github.com/nixvm-image/nixvm-image/qcow"
+)
+
+// Format is the output container.
+type Format string
+
+// The output formats.
+const (
+	FormatQcow2 Format = "qcow2"
+	FormatRaw   Format = "raw"
+)
+
+// Errors.
+var (
+	ErrExist    = errors.New("imagebuild: output exists")
+	ErrTooSmall = errors.New("imagebuild: image size too small")
+)
+
+// Progress receives progress of the long phases. Phase starts a phase of
+// total units (bytes); Add reports n more done. nil is off.
+type Progress interface {
+	Phase(name string, total int64)
+	Add(n int64)
+}
+
+// Options configure a build. The zero value of each optional field is the
+// default.
+type Options struct {
+	Closure  *nixclosure.Closure // required, validated
+	Toplevel string              // the system: profile target and seed of every identifier; required
+	Output   string              // required; the manifest goes to Output + ".manifest"
+	Force    bool                // replace an existing output
+
+	Layout      partition.Layout // default legacy
+	Size        int64            // disk size in bytes; 0 means auto
+	ESPSize     int64            // default partition.DefaultESPSize
+	Format      Format           // default qcow2
+	Compression qcow.Compression // default zstd
+	Workers     int              // default GOMAXPROCS; output bytes do not depend on it
+	Epoch       int64            // timestamps outside the store (SOURCE_DATE_EPOCH); default 1, Nix's store mtime
+
+	Log      io.Writer // one line per step; nil discards
+	Progress Progress  // nil is off
+}
+
+// Result describes a finished build.
+type Result struct {
+	Output     string
+	Manifest   string
+	Paths      int
+	Files      uint64
+	NarBytes   int64 // bytes of file data streamed
+	DiskSize   int64 // virtual disk size
+	OutputSize int64 // bytes of the output file
+	Digest     [32]byte
+	Duration   time.Duration
+}
+
+// ManifestPath is where the manifest of the image at output goes.
+func ManifestPath(output string) string { return output + ".manifest" }
+
+// headroom is what an auto-sized root file system gets beyond what the
+// closure needs, as make-disk-image's additionalSpace: first boot writes
+// logs and state before nixvm-resize has grown the disk. It costs nothing in
+// a sparse qcow2.
+const headroom = 512 << 20
+
+func (o *Options) check() error {
+	if o.Closure == nil || o.Toplevel == "" || o.Output == "" {
+		return errors.New("imagebuild: BUG: Closure, Toplevel and Output are required")
+	}
+	if o.Layout == "" {
+		o.Layout = partition.Legacy
+	}
+	if o.Format == "" {
+		o.Format = FormatQcow2
+	}
+	if o.Format != FormatQcow2 && o.Format != FormatRaw {
+		return fmt.Errorf("imagebuild: unknown format %q: want qcow2 or raw", o.Format)
+	}
+	if o.Workers <= 0 {
+		o.Workers = runtime.GOMAXPROCS(0)
+	}
+	if o.Epoch == 0 {
+		o.Epoch = 1
+	}
+	if o.Log == nil {
+		o.Log = io.Discard
+	}
+	if o.Closure.Lookup(o.Toplevel) == nil {
+		return fmt.Errorf("imagebuild: toplevel %s is not in the closure", o.Toplevel)
+	}
+	return nil
+}
+
+// Build writes the image.
+func Build(ctx context.Context, opts Options) (*Result, error) {
+	start := time.Now()
+	if err := opts.check(); err != nil {
+		return nil, err
+	}
+	if !opts.Force {
+		for _, p := range []string{opts.Output, ManifestPath(opts.Output)} {
+			if _, err := os.Lstat(p); err == nil {
+				return nil, fmt.Errorf("%w: %s; pass --force to replace it", ErrExist, p)
+			}
+		}
+	}
+	b := &builder{opts: opts, ctx: ctx}
+	res, err := b.run()
+	b.cleanup()
+	if err != nil {
+		return nil, err
+	}
+	res.Duration = time.Since(start)
+	return res, nil
+}
+
+type builder struct {
+	opts  Options
+	ctx   context.Context
+	temps []string // removed at the end, renamed ones are gone by then
+	trees []*node
+	scan  *scanner
+}
+
+func (b *builder) logf(format string, args ...any) {
+	fmt.Fprintf(b.opts.Log, format+"\n", args...)
+}
+
+func (b *builder) cleanup() {
+	for _, t := range b.temps {
+		os.Remove(t)
+	}
+}
+
+// tempFile creates a temporary file beside the output, so the final rename
+// stays within one file system.
+func (b *builder) tempFile(suffix string) (*os.File, error) {
+	dir, base := filepath.Split(b.opts.Output)
+	if dir == "" {
+		dir = "."
+	}
+	f, err := os.CreateTemp(dir, "."+base+".*"+suffix)
+	if err != nil {
+		return nil, fmt.Errorf("create a temporary file beside %s: %w", b.opts.Output, err)
+	}
+	b.temps = append(b.temps, f.Name())
+	return f, nil
+}
+
+// seed returns the seed of every identifier: the toplevel's store path.
+func (b *builder) seed(what string) []byte {
+	h := sha256.Sum256([]byte("nixvm-image " + what + "\x00" + path.Base(b.opts.Toplevel)))
+	return h[:]
+}
+
+func (b *builder) run() (*Result, error) {
+	o := &b.opts
+	c := o.Closure
+
+	// 1. Scan every store path.
+	b.scan = newScanner()
+	for _, p := range c.Paths {
+		if err := b.ctx.Err(); err != nil {
+			return nil, err
+		}
+		t, err := b.scan.scan(p.Path)
+		if err != nil {
+			if os.IsNotExist(err) {
+				return nil, fmt.Errorf("store path %s is missing on this machine: realise it first (nix-store --realise %s) or build where it exists", p.Path, p.Path)
+			}
+			return nil, fmt.Errorf("scan %s: %w", p.Path, err)
+		}
+		b.trees = append(b.trees, t)
+	}
+	s := b.scan
+	b.logf("scanned %d store paths: %d files, %s of data", len(c.Paths), s.files, humanBytes(s.bytes))
+
+	// 2. Plan sizes. The database is written after the store (it needs the
+	// NAR hashes); budget generously for it.
+	dbBytes := int64(len(c.Paths))*1024 + 256<<10
+	usage := ext4.Usage{
+		Inodes: s.inodes + 32,
+		Blocks: s.blocks + blocksFor(dbBytes) + 16,
+	}
+	minFS := ext4.MinSize(usage)
+	rootSize := minFS + minFS/10 + headroom
+	plan, err := partition.NewPlan(o.Layout, rootSize, o.ESPSize)
+	if err != nil {
+		return nil, err
+	}
+	if o.Size != 0 {
+		minPlan, err := partition.NewPlan(o.Layout, minFS, o.ESPSize)
+		if err != nil {
+			return nil, err
+		}
+		if o.Size < minPlan.DiskSize {
+			return nil, fmt.Errorf("%w: --size %s is too small for this closure (needs at least %s); use --size auto", ErrTooSmall, humanBytes(o.Size), humanBytes(minPlan.DiskSize))
+		}
+		plan, err = partition.NewPlan(o.Layout, o.Size-(minPlan.DiskSize-minPlan.Root.Size), o.ESPSize)
+		if err != nil {
+			return nil, err
+		}
+		for plan.DiskSize > o.Size {
+			plan, err = partition.NewPlan(o.Layout, plan.Root.Size-partition.MiB, o.ESPSize)
+			if err != nil {
+				return nil, err
+			}
+		}
+	}
+	b.logf("layout %s: disk %s, root file system %s at offset %s", o.Layout, humanBytes(plan.DiskSize), humanBytes(plan.Root.Size), humanBytes(plan.Root.Start))
+
+	// 3. The raw disk.
+	raw, err := b.tempFile(".raw")
+	if err != nil {
+		return nil, err
+	}
+	defer raw.Close()
+	if err := raw.Truncate(plan.DiskSize); err != nil {
+		return nil, fmt.Errorf("size the raw disk: %w", err)
+	}
+	ids := partition.DeriveIDs(b.seed("partition"))
+	if err := plan.WriteTable(raw, ids); err != nil {
+		return nil, err
+	}
+	if err := plan.WriteESP(raw, ids); err != nil {
+		return nil, err
+	}
+	if err := b.writeRoot(raw, plan); err != nil {
+		return nil, err
+	}
+	b.logf("bootloader: none installed (the VM stage that installs one comes with bootable images)")
+
+	// 4. The container and the manifest, in one pass over the raw disk.
+	var out *os.File
+	hasher := manifest.NewHasher(plan.DiskSize, o.Workers)
+	var qw *qcow.Writer
+	sinks := []writerAt{hasher}
+	if o.Format == FormatQcow2 {
+		out, err = b.tempFile(".tmp")
+		if err != nil {
+			return nil, err
+		}
+		defer out.Close()
+		qw, err = qcow.NewWriter(out, plan.DiskSize, qcow.Options{Compression: o.Compression, Workers: o.Workers})
+		if err != nil {
+			return nil, err
+		}
+		sinks = append(sinks, qw)
+	}
+	if o.Progress != nil {
+		o.Progress.Phase("pack "+string(o.Format), plan.DiskSize)
+	}
+	if err := copySparse(b.ctx, raw, plan.DiskSize, sinks, o.Progress); err != nil {
+		return nil, err
+	}
+	if qw != nil {
+		if err := qw.Close(); err != nil {
+			return nil, err
+		}
+	} else {
+		out = raw
+	}
+	m, err := hasher.Finish()
+	if err != nil {
+		return nil, err
+	}
+	if err := out.Sync(); err != nil {
+		return nil, err
+	}
+	fi, err := out.Stat()
+	if err != nil {
+		return nil, err
+	}
+
+	// 5. Publish: manifest beside the image, both by rename.
+	mf, err := b.tempFile(".manifest.tmp")
+	if err != nil {
+		return nil, err
+	}
+	defer mf.Close()
+	if _, err := m.WriteTo(mf); err != nil {
+		return nil, fmt.Errorf("write manifest: %w", err)
+	}
+	if err := mf.Sync(); err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(out.Name(), 0o644); err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(mf.Name(), 0o644); err != nil {
+		return nil, err
+	}
+	os.Remove(ManifestPath(o.Output)) // never leave an old manifest beside a new image
+	if err := os.Rename(out.Name(), o.Output); err != nil {
+		return nil, fmt.Errorf("publish %s: %w", o.Output, err)
+	}
+	if err := os.Rename(mf.Name(), ManifestPath(o.Output)); err != nil {
+		return nil, fmt.Errorf("publish %s: %w", ManifestPath(o.Output), err)
+	}
+	syncDir(filepath.Dir(o.Output))
+	return &Result{
+		Output:     o.Output,
+		Manifest:   ManifestPath(o.Output),
+		Paths:      len(c.Paths),
+		Files:      s.files,
+		NarBytes:   s.bytes,
+		DiskSize:   plan.DiskSize,
+		OutputSize: fi.Size(),
+		Digest:     m.Digest,
+	}, nil
+}
+
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+}
+
+// writeRoot writes the root file system into its partition.
+func (b *builder) writeRoot(raw *os.File, plan *partition.Plan) error {
+	o := &b.opts
+	c := o.Closure
+	var uuid, hashSeed [16]byte
+	copy(uuid[:], b.seed("ext4 uuid"))
+	copy(hashSeed[:], b.seed("ext4 hash seed"))
+	uuid[6] = uuid[6]&0x0f | 0x40
+	uuid[8] = uuid[8]&0x3f | 0x80
+	w, err := ext4.NewWriter(io.NewOffsetWriter(raw, plan.Root.Start), ext4.Options{
+		Size:     plan.Root.Size,
+		Label:    "nixos",
+		UUID:     uuid,
+		HashSeed: hashSeed,
+		Time:     o.Epoch,
+	})
+	if err != nil {
+		return err
+	}
+	epoch := o.Epoch
+	dir := func(name string, mode, gid uint32) error {
+		return w.WriteHeader(&ext4.Header{Name: name, Type: ext4.TypeDir, Mode: mode, Gid: gid, Mtime: epoch})
+	}
+	for _, d := range []struct {
+		name      string
+		mode, gid uint32
+	}{
+		{".", 0o755, 0},
+		{"nix", 0o755, 0},
+		{"nix/store", 0o1775, 30000}, // root:nixbld, as Nix makes it
+	} {
+		if err := dir(d.name, d.mode, d.gid); err != nil {
+			return err
+		}
+	}
+	if o.Progress != nil {
+		o.Progress.Phase("write store", b.scan.bytes)
+	}
+	buf := make([]byte, 1<<20)
+	dbPaths := make([]nixdb.Path, 0, len(c.Paths))
+	for i, p := range c.Paths {
+		if err := b.ctx.Err(); err != nil {
+			return err
+		}
+		hash, size, err := b.writeStorePath(w, p.Path, b.trees[i], buf)
+		if err != nil {
+			return err
+		}
+		if p.NarHash != "" && p.NarHash != hash {
+			return fmt.Errorf("%w: %s: NAR hash: got %s, want %s (the closure description does not match the store: rebuild it, or run nix-store --verify --check-contents)", nixclosure.ErrHashMismatch, p.Path, hash, p.NarHash)
+		}
+		if p.NarSize != 0 && p.NarSize != size {
+			return fmt.Errorf("%w: %s: NAR size: got %d, want %d", nixclosure.ErrHashMismatch, p.Path, size, p.NarSize)
+		}
+		dbPaths = append(dbPaths, nixdb.Path{Path: p.Path, NarHash: hash, NarSize: size, Deriver: p.Deriver, References: p.References})
+	}
+
+	// The Nix database, profile and the files NixOS tools expect.
+	dbFile, err := b.tempFile(".db")
+	if err != nil {
+		return err
+	}
+	dbFile.Close()
+	os.Remove(dbFile.Name()) // nixdb.Write creates it
+	if err := nixdb.Write(dbFile.Name(), dbPaths, epoch); err != nil {
+		return fmt.Errorf("write the Nix database: %w", err)
+	}
+	db, err := os.ReadFile(dbFile.Name())
+	if err != nil {
+		return err
+	}
+	for _, d := range []string{"nix/var", "nix/var/nix", "nix/var/nix/db", "nix/var/nix/profiles", "nix/var/nix/gcroots", "etc", "bin"} {
+		if err := dir(d, 0o755, 0); err != nil {
+			return err
+		}
+	}
+	file := func(name string, data []byte, mode uint32) error {
+		if err := w.WriteHeader(&ext4.Header{Name: name, Type: ext4.TypeReg, Mode: mode, Mtime: epoch, Size: int64(len(data))}); err != nil {
+			return err
+		}
+		_, err := w.Write(data)
+		return err
+	}
+	symlink := func(name, target string) error {
+		return w.WriteHeader(&ext4.Header{Name: name, Type: ext4.TypeSymlink, Mode: 0o777, Mtime: epoch, Linkname: target})
+	}
+	if err := file("nix/var/nix/db/db.sqlite", db, 0o644); err != nil {
+		return err
+	}
+	if err := file("nix/var/nix/db/schema", []byte(fmt.Sprint(nixdb.SchemaVersion)), 0o644); err != nil {
+		return err
+	}
+	if err := symlink("nix/var/nix/profiles/system-1-link", o.Toplevel); err != nil {
+		return err
+	}
+	if err := symlink("nix/var/nix/profiles/system", "system-1-link"); err != nil {
+		return err
+	}
+	if err := file("etc/NIXOS", nil, 0o644); err != nil {
+		return err
+	}
+	if err := symlink("bin/sh", b.binsh()); err != nil {
+		return err
+	}
+	return w.Close()
+}
+
+// binsh is the target of /bin/sh, which switch-to-configuration needs in the
+// chroot: the store path that the system's sw/bin/sh resolves to, else the
+// profile's.
+func (b *builder) binsh() string {
+	p := b.opts.Toplevel + "/sw/bin/sh"
+	for range 16 {
+		t, err := os.Readlink(p)
+		if err != nil {
+			break
+		}
+		if !path.IsAbs(t) {
+			t = path.Join(path.Dir(p), t)
+		}
+		p = t
+	}
+	if b.inClosure(p) {
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return "/nix/var/nix/profiles/system/sw/bin/sh"
+}
+
+func (b *builder) inClosure(p string) bool {
+	dir := b.opts.Closure.StoreDir
+	if !strings.HasPrefix(p, dir+"/") {
+		return false
+	}
+	top := p[:len(dir)+1+strings.IndexByte(p[len(dir)+1:]+"/", '/')]
+	return b.opts.Closure.Lookup(top) != nil
+}
+
+// writeStorePath streams one store path into the file system and its NAR
+// hasher, returning the NAR hash ("sha256:<nix32>") and size.
+func (b *builder) writeStorePath(w *ext4.Writer, storePath string, tree *node, buf []byte) (string, uint64, error) {
+	nh := nixclosure.NewNarHasher()
+	imgRoot := strings.TrimPrefix(storePath, "/")
+	err := walk(tree, "", func(n *node, rel string) error {
+		img := imgRoot
+		if rel != "" {
+			img += "/" + rel
+		}
+		src := storePath
+		if rel != "" {
+			src += "/" + rel
+		}
+		nhdr := &nixclosure.NarHeader{Path: rel}
+		hdr := &ext4.Header{Name: img, Mtime: 1}
+		switch n.kind {
+		case kindDir:
+			nhdr.Type = nixclosure.NarDirectory
+			hdr.Type, hdr.Mode = ext4.TypeDir, 0o555
+		case kindSymlink:
+			nhdr.Type, nhdr.Linkname = nixclosure.NarSymlink, n.target
+			hdr.Type, hdr.Mode, hdr.Linkname = ext4.TypeSymlink, 0o777, n.target
+		case kindReg:
+			nhdr.Type, nhdr.Executable, nhdr.Size = nixclosure.NarRegular, n.exec, n.size
+			hdr.Type, hdr.Mode, hdr.Size = ext4.TypeReg, 0o444, n.size
+			if n.exec {
+				hdr.Mode = 0o555
+			}
+			if n.first != nil {
+				hdr.Type, hdr.Linkname, hdr.Size = ext4.TypeLink, n.first.imgPath, 0
+				nhdr.Executable, nhdr.Size = n.first.exec, n.first.size
+			} else {
+				n.imgPath = img
+			}
+		}
+		if err := nh.WriteHeader(nhdr); err != nil {
+			return fmt.Errorf("BUG: NAR order: %w", err)
+		}
+		if err := w.WriteHeader(hdr); err != nil {
+			return fmt.Errorf("write %s: %w", src, err)
+		}
+		if n.kind != kindReg {
+			return nil
+		}
+		var dst io.Writer = nh
+		if n.first == nil {
+			dst = io.MultiWriter(w, nh)
+		}
+		return b.copyFile(dst, src, nhdr.Size, buf)
+	})
+	if err != nil {
+		return "", 0, err
+	}
+	if err := nh.Close(); err != nil {
+		return "", 0, err
+	}
+	hash, size := nh.Sum()
+	return hash, size, nil
+}
+
+func (b *builder) copyFile(dst io.Writer, src string, size int64, buf []byte) error {
+	f, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	var done int64
+	for done < size {
+		n, err := f.Read(buf[:min(int64(len(buf)), size-done)])
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return fmt.Errorf("write %s: %w", src, werr)
+			}
+			done += int64(n)
+			if b.opts.Progress != nil {
+				b.opts.Progress.Add(int64(n))
+			}
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("read %s: %w", src, err)
+		}
+	}
+	if done != size {
+		return fmt.Errorf("%s changed while it was read: got %d bytes, want %d (store paths must not change during a build)", src, done, size)
+	}
+	var one [1]byte
+	if n, _ := f.Read(one[:]); n != 0 {
+		return fmt.Errorf("%s grew while it was read (store paths must not change during a build)", src)
+	}
+	return nil
+}
+
+type writerAt interface {
+	WriteAt(p []byte, off int64) (int, error)
+}
+
+// copySparse feeds the data regions of src to every sink in ascending
+// order, skipping holes (SEEK_DATA/SEEK_HOLE), so a mostly empty disk costs
+// only its data.
+func copySparse(ctx context.Context, src *os.File, size int64, sinks []writerAt, pr Progress) error {
+	const seekData, seekHole = 3, 4
+	buf := make([]byte, 4<<20)
+	var off int64
+	for off < size {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		data, err := src.Seek(off, seekData)
+		if err != nil {
+			break // ENXIO: no data after off
+		}
+		hole, err := src.Seek(data, seekHole)
+		if err != nil {
+			return fmt.Errorf("seek hole in raw disk: %w", err)
+		}
+		// Align to blocks; the sinks take ascending, overlapping-free data.
+		data &^= blockSize - 1
+		if data < off {
+			data = off
+		}
+		hole = min((hole+blockSize-1)&^(blockSize-1), size)
+		for pos := data; pos < hole; {
+			n := int(min(int64(len(buf)), hole-pos))
+			if _, err := src.ReadAt(buf[:n], pos); err != nil && err != io.EOF {
+				return fmt.Errorf("read raw disk: %w", err)
+			}
+			if isZero(buf[:n]) {
+				pos += int64(n)
+				continue
+			}
+			for _, s := range sinks {
+				if _, err := s.WriteAt(buf[:n], pos); err != nil {
+					return err
+				}
+			}
+			pos += int64(n)
+			if pr != nil {
+				pr.Add(int64(n))
+			}
+		}
+		off = hole
+	}
+	return nil
+}
+
+func isZero(b []byte) bool {
+	return len(b) == 0 || (b[0] == 0 && bytes.Equal(b[:len(b)-1], b[1:]))
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,161 @@
+package imagebuild
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"sort"
+	"syscall"
+)
+
+// ErrUnsupportedFile reports a store path entry that neither a NAR nor
+// the image can hold: FIFOs, sockets and device nodes.
+var ErrUnsupportedFile = errors.New("imagebuild: unsupported file type in store path")
+
+type kind uint8
+
+const (
+	kindReg kind = iota
+	kindDir
+	kindSymlink
+)
+
+// node is one entry of a scanned store path, held in NAR order.
+type node struct {
+	name     string // base name; "" for a store path's root
+	kind     kind
+	exec     bool
+	size     int64
+	target   string  // symlink target
+	children []*node // sorted by name, byte-wise (NAR order)
+	first    *node   // for a hard link: the node that owns the inode
+	imgPath  string  // set for inode owners, when written
+}
+
+type inodeKey struct{ dev, ino uint64 }
+
+// scanner walks store paths with lstat and readdir only, counting what the
+// ext4 writer will need. File contents are read later, once, while they
+// stream into the image.
+type scanner struct {
+	links  map[inodeKey]*node
+	inodes uint64 // ext4 inodes: unique files, dirs, symlinks
+	blocks uint64 // 4 KiB blocks: file data, slow symlinks, directories
+	bytes  int64  // regular file bytes, each inode once
+	files  uint64
+}
+
+func newScanner() *scanner { return &scanner{links: map[inodeKey]*node{}} }
+
+const blockSize = 4096
+
+func blocksFor(n int64) uint64 { return uint64((n + blockSize - 1) / blockSize) }
+
+// scan reads the tree at src into nodes.
+func (s *scanner) scan(src string) (*node, error) {
+	fi, err := os.Lstat(src)
+	if err != nil {
+		return nil, err
+	}
+	return s.scanInfo(src, "", fi)
+}
+
+func (s *scanner) scanInfo(src, name string, fi fs.FileInfo) (*node, error) {
+	n := &node{name: name}
+	switch m := fi.Mode(); {
+	case m.IsRegular():
+		n.kind = kindReg
+		n.exec = m&0o100 != 0
+		n.size = fi.Size()
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Nlink > 1 {
+			k := inodeKey{uint64(st.Dev), st.Ino}
+			if first, ok := s.links[k]; ok {
+				n.first = first
+				return n, nil
+			}
+			s.links[k] = n
+		}
+		s.inodes++
+		s.files++
+		s.bytes += n.size
+		s.blocks += blocksFor(n.size)
+		// Files past four 128 MiB extents need an extent tree block.
+		s.blocks += uint64(n.size / (512 << 20))
+	case m&fs.ModeSymlink != 0:
+		n.kind = kindSymlink
+		t, err := os.Readlink(src)
+		if err != nil {
+			return nil, err
+		}
+		n.target = t
+		s.inodes++
+		if len(t) >= 60 {
+			s.blocks++
+		}
+	case m.IsDir():
+		n.kind = kindDir
+		s.inodes++
+		f, err := os.Open(src)
+		if err != nil {
+			return nil, err
+		}
+		ents, err := f.Readdir(-1)
+		f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("read directory %s: %w", src, err)
+		}
+		sort.Slice(ents, func(i, j int) bool { return ents[i].Name() < ents[j].Name() })
+		var dirBytes uint64 = 24 // "." and ".."
+		for _, e := range ents {
+			c, err := s.scanInfo(filepath.Join(src, e.Name()), e.Name(), e)
+			if err != nil {
+				return nil, err
+			}
+			n.children = append(n.children, c)
+			dirBytes += uint64(8+len(e.Name())+3) &^ 3
+		}
+		s.blocks += dirBlocks(dirBytes)
+	default:
+		return nil, fmt.Errorf("%w: %s is a %s; Nix store paths hold only regular files, directories and symlinks, so rebuild the path without it", ErrUnsupportedFile, src, describeMode(fi.Mode()))
+	}
+	return n, nil
+}
+
+// dirBlocks estimates the blocks of a directory with the given entry bytes,
+// generously: leaf blocks are at most ~3/4 full after an htree split, plus
+// the index root.
+func dirBlocks(entryBytes uint64) uint64 {
+	if entryBytes <= blockSize-12 {
+		return 1
+	}
+	return entryBytes/(blockSize*3/4) + 2
+}
+
+func describeMode(m fs.FileMode) string {
+	switch {
+	case m&fs.ModeNamedPipe != 0:
+		return "FIFO"
+	case m&fs.ModeSocket != 0:
+		return "socket"
+	case m&fs.ModeDevice != 0:
+		return "device node"
+	}
+	return "special file (" + m.String() + ")"
+}
+
+// walk calls fn for n and every node below it in NAR order, with the path
+// relative to the store path's root ("" for the root).
+func walk(n *node, rel string, fn func(n *node, rel string) error) error {
+	if err := fn(n, rel); err != nil {
+		return err
+	}
+	for _, c := range n.children {
+		if err := walk(c, path.Join(rel, c.name), fn); err != nil {
+			return err
+		}
+	}
+	return nil
+}
