@@ -100,8 +100,8 @@ func TestBuildFixture(t *testing.T) {
 			mustRun(t, qemuImg, "check", img)
 			mustRun(t, qemuImg, "compare", "-f", "qcow2", "-F", "raw", img, raw)
 			var info struct {
-				Format      string `json:"format"`
-				VirtualSize int64  `json:"virtual-size"`
+				Format         string `json:"format"`
+				VirtualSize    int64  `json:"virtual-size"`
 				FormatSpecific struct {
 					Data struct {
 						CompressionType string `json:"compression-type"`
