@@ -25,6 +25,9 @@ const (
 	MaxPayload = sectionHdrLen + blocksHdrLen + (MaxVirtualSize/BlockSize)*16 + 2*binary.MaxVarintLen64 + 1<<30
 )
 
+// readMaxSize is MaxVirtualSize, lowered by the fuzz test.
+var readMaxSize int64 = MaxVirtualSize
+
 // WriteTo writes m in the version 1 format (see the package doc). It
 // validates m first.
 func (m *Manifest) WriteTo(w io.Writer) (int64, error) {
@@ -163,8 +166,8 @@ func decodeBlocks(s []byte) (*Manifest, error) {
 		return nil, fmt.Errorf("%w: block-list header of %d bytes, want %d", ErrCorrupt, len(s), blocksHdrLen)
 	}
 	size := binary.BigEndian.Uint64(s[0:])
-	if size > MaxVirtualSize {
-		return nil, fmt.Errorf("%w: virtual size %d, at most %d allowed", ErrTooLarge, size, int64(MaxVirtualSize))
+	if size > uint64(readMaxSize) {
+		return nil, fmt.Errorf("%w: virtual size %d, at most %d allowed", ErrTooLarge, size, readMaxSize)
 	}
 	if bs := binary.BigEndian.Uint32(s[8:]); bs != BlockSize {
 		return nil, fmt.Errorf("%w: block size: got %d, want %d", ErrCorrupt, bs, BlockSize)
