@@ -225,6 +225,9 @@ func TestRoundTripQemu(t *testing.T) {
 		{"tiny", 512, Options{}, 8},
 		{"empty-disk", 0, Options{}, 9},
 		{"one-worker", 8 << 20, Options{Workers: 1}, 10},
+		// 512-byte clusters: 66 refcount blocks, a two-cluster refcount
+		// table and a multi-cluster L1 table.
+		{"none-512-clusters", 12 << 20, Options{ClusterBits: 9, Compression: None}, 11},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -503,5 +506,58 @@ func TestQemuCheckCatchesBadRefcount(t *testing.T) {
 	out, err := exec.Command(p, "check", img).CombinedOutput()
 	if err == nil {
 		t.Fatalf("qemu-img check accepted an image with a zero header refcount:\n%s", out)
+	}
+}
+
+// TestHugeSparse writes a few clusters into a 1 TiB disk.
+func TestHugeSparse(t *testing.T) {
+	testutil.NeedTool(t, "qemu-img")
+	const size = 1 << 40
+	dir := t.TempDir()
+	img := filepath.Join(dir, "img.qcow2")
+	rawPath := filepath.Join(dir, "raw.img")
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.Create(rawPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	w, err := NewWriter(f, size, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := newRand(77)
+	offs := []int64{0, 1<<30 + 12345, 700<<30 + 3, size - 70000}
+	for _, off := range offs {
+		chunk := pattern(rng, 70000, 1<<16)
+		chunk[0] = 1
+		if _, err := w.WriteAt(chunk, off); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := raw.WriteAt(chunk, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	raw.Close()
+	qemuImg(t, "check", img)
+	qemuImg(t, "compare", "-f", "qcow2", "-F", "raw", img, rawPath)
+	var info qemuInfo
+	if err := json.Unmarshal(qemuImg(t, "info", "--output=json", img), &info); err != nil {
+		t.Fatal(err)
+	}
+	if info.VirtualSize != size {
+		t.Errorf("virtual size: got %d, want %d", info.VirtualSize, size)
+	}
+	if st := w.Stats(); st.FileSize > 2<<20 {
+		t.Errorf("file size %d, want under 2 MiB for a sparse disk", st.FileSize)
 	}
 }
