@@ -40,9 +40,10 @@
 //	              uvarint Z (zero blocks), uvarint K (literal blocks),
 //	              then K hashes of 16 bytes
 //
-// A run's zero blocks have ZeroHash; literal blocks never equal ZeroHash and
-// only the first run may have Z == 0 (a canonical encoding, so equal
-// manifests have equal bytes). A reader checks the checksum, every length
+// A run's zero blocks have ZeroHash; literal blocks never equal ZeroHash,
+// only the first run may have Z == 0 and only the last K == 0 (a canonical
+// encoding, so equal manifests have equal bytes). A disk with no zero
+// blocks costs 16 bytes per block; a zero run costs a few bytes. A reader checks the checksum, every length
 // and count, and recomputes the digest.
 //
 // Future sections (an ext4 layout map: store path to inode and extents) get

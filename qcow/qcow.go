@@ -103,9 +103,10 @@ type Options struct {
 	ClusterBits int
 	// Compression of guest clusters; the zero value is Zstd.
 	Compression Compression
-	// Level is the codec's level: zstd 1 to 22 (0 means 3, as QEMU). Zlib
-	// and None take no level (must be 0): the zlib stream uses QEMU's
-	// 4 KiB window, which has a single setting.
+	// Level is the codec's level: zstd 1 to 22 (0 means 3, as QEMU);
+	// klauspost/compress maps it to its nearest speed (1-2 fastest, 3-5
+	// default, 6-9 better, 10-22 best). Zlib and None take no level (must
+	// be 0): the deflate encoder with QEMU's 4 KiB window has one setting.
 	Level int
 	// Workers is the number of compression goroutines; 0 means
 	// runtime.GOMAXPROCS(0). The output does not depend on it.
