@@ -98,7 +98,7 @@ type reply struct {
 func (r *reply) encode(e *enc) *enc {
 	e.reset().u(r.Version).str(r.Err).u(uint64(len(r.Gens)))
 	for _, g := range r.Gens {
-		e.str(g.Name).raw(g.Digest[:]).u(uint64(g.VirtualSize)).u(b2u(g.Current))
+		e.str(g.Name).raw(g.Digest[:]).u(uint64(g.VirtualSize)).u(b2u(g.Current)).str(g.Path)
 	}
 	e.u(b2u(r.Have)).u(uint64(r.Resume)).u(b2u(r.Index))
 	return e
@@ -119,6 +119,7 @@ func decodeReply(p []byte) (*reply, error) {
 		copy(g.Digest[:], d.raw(32))
 		g.VirtualSize = int64(d.ub("virtual size", maxVirtualSize))
 		g.Current = d.ub("current", 1) == 1
+		g.Path = d.str("path", maxPath)
 		r.Gens = append(r.Gens, g)
 	}
 	r.Have = d.ub("have", 1) == 1

@@ -504,3 +504,26 @@ func (s *sender) literal(start, count int64) error {
 	s.zbuf = s.enc.EncodeAll(buf, s.zbuf[:0])
 	return s.fw.frame(frameLiteral, (&op{Type: frameLiteral, Start: start, Count: count, Data: s.zbuf}).encode(&s.e))
 }
+
+// List asks the host at the other end of conn for its generations: of name,
+// or of every name when name is "".
+func List(ctx context.Context, conn io.ReadWriter, name string) ([]Generation, error) {
+	if name != "" {
+		if err := ValidName(name); err != nil {
+			return nil, err
+		}
+	}
+	fr := newFrameReader(conn)
+	fw := newFrameWriter(conn)
+	var e enc
+	fw.writeMagic()
+	fw.frame(frameHello, (&hello{Version: Version, Op: opList, Name: name}).encode(&e))
+	if err := fw.flush(); err != nil {
+		return nil, fmt.Errorf("%w: sending the hello: %v", ErrNoServer, err)
+	}
+	r, err := readReply(fr)
+	if err != nil {
+		return nil, err
+	}
+	return r.Gens, nil
+}

@@ -1,0 +1,84 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"text/tabwriter"
+
+	"github.com/nixvm-image/nixvm-image/push"
+	"github.com/spf13/pflag"
+)
+
+type imagesOptions struct {
+	remoteOptions
+	Name string
+}
+
+func init() {
+	register(&command{
+		name:    "images",
+		summary: "list the image generations a host (or this machine) holds",
+		usage:   "[HOST] [--name NAME] [flags]",
+		help: `Without HOST, lists this machine's store (--store-dir); with HOST, asks
+that host over ssh, like push does.
+
+Examples:
+  nixvm-image images
+  nixvm-image images athens --name baseline`,
+		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
+			o := &imagesOptions{}
+			fs.StringVar(&o.Name, "name", "", "only this image name")
+			o.remoteOptions.addFlags(fs)
+			return func(ctx context.Context, c Context, args []string) error { return runImages(ctx, o, c, args) }
+		},
+	})
+}
+
+func runImages(ctx context.Context, o *imagesOptions, c Context, args []string) error {
+	if len(args) > 1 {
+		return usagef("at most one HOST, got %d", len(args))
+	}
+	if o.Name != "" {
+		if err := push.ValidName(o.Name); err != nil {
+			return usageError{fmt.Errorf("--name: %w", err)}
+		}
+	}
+	var gens []push.Generation
+	if len(args) == 0 {
+		st := &push.Store{Dir: o.StoreDir}
+		names := []string{o.Name}
+		if o.Name == "" {
+			var err error
+			if names, err = st.Names(); err != nil {
+				return err
+			}
+		}
+		for _, n := range names {
+			g, err := st.List(n)
+			if err != nil {
+				return err
+			}
+			gens = append(gens, g...)
+		}
+	} else {
+		err := o.remoteSession(ctx, args[0], func(conn io.ReadWriter) error {
+			var err error
+			gens, err = push.List(ctx, conn, o.Name)
+			return err
+		})
+		if err != nil {
+			return err
+		}
+	}
+	tw := tabwriter.NewWriter(c.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tCURRENT\tDIGEST\tSIZE\tPATH")
+	for _, g := range gens {
+		cur := ""
+		if g.Current {
+			cur = "*"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%x\t%s\t%s\n", g.Name, cur, g.Digest[:8], humanBytes(g.VirtualSize), g.Path)
+	}
+	return tw.Flush()
+}

@@ -1,0 +1,367 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nixvm-image/nixvm-image/push"
+	"github.com/spf13/pflag"
+)
+
+// remoteOptions say how to reach `nixvm-image serve` on a host.
+type remoteOptions struct {
+	SSHCommand    string
+	RemoteCommand string
+	StoreDir      string
+}
+
+func (o *remoteOptions) addFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.SSHCommand, "ssh-command", "ssh", "the ssh invocation; the host and the remote command are appended (e.g. \"ssh -F ./ssh_config -p 2222\")")
+	fs.StringVar(&o.RemoteCommand, "remote-command", "nixvm-image", "path of nixvm-image on the host")
+	fs.StringVar(&o.StoreDir, "store-dir", push.DefaultStoreDir, "the host's image store")
+}
+
+// shellQuote quotes s for the remote shell that ssh runs the command in.
+func shellQuote(s string) string {
+	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./=:@+,") == "" {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// sshArgv is the command line that runs serve on host.
+func (o *remoteOptions) sshArgv(host string) ([]string, error) {
+	argv := strings.Fields(o.SSHCommand)
+	if len(argv) == 0 {
+		return nil, usagef("--ssh-command is empty")
+	}
+	if host == "" || strings.HasPrefix(host, "-") {
+		return nil, usagef("host %q: want a host name as ssh takes it", host)
+	}
+	remote := shellQuote(o.RemoteCommand) + " serve"
+	if o.StoreDir != push.DefaultStoreDir {
+		remote += " --store-dir " + shellQuote(o.StoreDir)
+	}
+	return append(argv, host, remote), nil
+}
+
+// tailBuffer keeps the last 4 KiB written (the remote's stderr).
+type tailBuffer struct {
+	mu sync.Mutex
+	b  []byte
+}
+
+func (t *tailBuffer) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.b = append(t.b, p...)
+	if len(t.b) > 4096 {
+		t.b = t.b[len(t.b)-4096:]
+	}
+	return len(p), nil
+}
+
+func (t *tailBuffer) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return strings.TrimSpace(string(t.b))
+}
+
+type pipeConn struct {
+	io.Reader
+	io.Writer
+}
+
+// remoteSession runs serve on host over ssh and calls f with the connection.
+func (o *remoteOptions) remoteSession(ctx context.Context, host string, f func(conn io.ReadWriter) error) error {
+	argv, err := o.sshArgv(host)
+	if err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	stderr := &tailBuffer{}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting %q (--ssh-command): %w", argv[0], err)
+	}
+	ferr := f(pipeConn{stdout, stdin})
+	stdin.Close()
+	werr := cmd.Wait()
+	if ferr == nil {
+		return nil
+	}
+	var ee *exec.ExitError
+	if errors.As(werr, &ee) || errors.Is(ferr, push.ErrNoServer) {
+		msg := stderr.String()
+		code := -1
+		if ee != nil {
+			code = ee.ExitCode()
+		}
+		if errors.Is(ferr, push.ErrNoServer) {
+			if code == 127 || strings.Contains(msg, "not found") || strings.Contains(msg, "No such file") {
+				return fmt.Errorf("%s: nixvm-image is not installed on the host (%s): install it there (NixOS: add it to environment.systemPackages; elsewhere copy the static binary to /usr/local/bin), or pass --remote-command /path/to/nixvm-image\ncommand: %s\nremote stderr: %s", host, ferr, strings.Join(argv, " "), msg)
+			}
+			if code == 255 {
+				return fmt.Errorf("%s: ssh failed (exit 255): %s\ncommand: %s", host, msg, strings.Join(argv, " "))
+			}
+		}
+		if msg != "" {
+			return fmt.Errorf("%s: %w\nremote stderr: %s", host, ferr, msg)
+		}
+	}
+	return fmt.Errorf("%s: %w", host, ferr)
+}
+
+type pushOptions struct {
+	remoteOptions
+	Image string
+	Name  string
+	Link  string
+	Quiet bool
+}
+
+func init() {
+	register(&command{
+		name:    "push",
+		summary: "send an image to hosts' image stores, only the blocks they lack",
+		usage:   "HOST... --image IMAGE.qcow2 --name NAME [flags]",
+		help: `Each host gets the image as a new generation of NAME in its store
+(` + push.DefaultStoreDir + `/NAME/<digest>.qcow2, read-only) and its
+'current' symlink is swapped to it once the host has checked the digest of
+what it wrote. Only 4 KiB blocks the host does not hold in any generation
+travel, zstd-compressed; an interrupted push resumes where it stopped.
+Hosts are pushed in parallel over ssh, which runs 'nixvm-image serve' there.
+
+Examples:
+  nixvm-image push athens rome --image baseline.qcow2 --name baseline
+  nixvm-image push athens --image baseline.qcow2 --name baseline \
+      --link /etc/virt/base-images/baseline.qcow2
+  nixvm-image push athens --image b.qcow2 --name b --ssh-command "ssh -F ./ssh_config"
+
+For each host the last line says the bytes sent against the image size.`,
+		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
+			o := &pushOptions{}
+			fs.StringVar(&o.Image, "image", "", "the image to push (qcow2 or raw)")
+			fs.StringVar(&o.Name, "name", "", "the image name on the hosts (letters, digits, '.', '_', '-')")
+			fs.StringVar(&o.Link, "link", "", "also point this path on the host at the new generation")
+			o.remoteOptions.addFlags(fs)
+			fs.BoolVarP(&o.Quiet, "quiet", "q", false, "no progress, only the summary lines and errors")
+			return func(ctx context.Context, c Context, args []string) error { return runPush(ctx, o, c, args) }
+		},
+	})
+}
+
+func runPush(ctx context.Context, o *pushOptions, c Context, hosts []string) error {
+	if len(hosts) == 0 {
+		return usagef("name at least one HOST")
+	}
+	if o.Image == "" {
+		return usagef("--image is required")
+	}
+	if err := push.ValidName(o.Name); err != nil {
+		return usageError{fmt.Errorf("--name: %w", err)}
+	}
+	if o.Link != "" && !strings.HasPrefix(o.Link, "/") {
+		return usagef("--link %q must be an absolute path on the host", o.Link)
+	}
+	for _, h := range hosts {
+		if _, err := o.sshArgv(h); err != nil {
+			return err
+		}
+	}
+	start := time.Now()
+	var hashed atomic.Int64
+	prog := newHostProgress(c.Stderr, o.Quiet, []string{"hashing"})
+	prog.total[0] = -1
+	stop := prog.run(func() { prog.done[0].Store(hashed.Load()) })
+	src, err := push.OpenSource(o.Image, func(n int64) { hashed.Add(n) })
+	stop()
+	if err != nil {
+		return fmt.Errorf("--image: %w", err)
+	}
+	defer src.Close()
+	if !o.Quiet {
+		fmt.Fprintf(c.Stderr, "%s: %s virtual, digest %x, hashed in %s\n", o.Image, humanBytes(src.VirtualSize), src.Digest[:8], time.Since(start).Round(time.Millisecond))
+	}
+
+	prog = newHostProgress(c.Stderr, o.Quiet, hosts)
+	stats := make([]*push.Stats, len(hosts))
+	errs := make([]error, len(hosts))
+	took := make([]time.Duration, len(hosts))
+	for i := range hosts {
+		prog.total[i] = src.VirtualSize
+	}
+	stop = prog.run(nil)
+	var wg sync.WaitGroup
+	for i, host := range hosts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t0 := time.Now()
+			errs[i] = o.remoteSession(ctx, host, func(conn io.ReadWriter) error {
+				cc := &countConn{rw: conn, n: &prog.sent[i]}
+				var err error
+				stats[i], err = push.Push(ctx, cc, src, push.Options{
+					Name: o.Name, Link: o.Link,
+					Progress: func(n int64) { prog.done[i].Add(n) },
+				})
+				return err
+			})
+			took[i] = time.Since(t0)
+		}()
+	}
+	wg.Wait()
+	stop()
+	failed := 0
+	for i, host := range hosts {
+		st := stats[i]
+		if errs[i] != nil {
+			failed++
+			fmt.Fprintf(c.Stderr, "%s: FAILED: %v\n", host, errs[i])
+			continue
+		}
+		what := "sent"
+		if st.AlreadyCurrent {
+			what = "already held; sent"
+		} else if st.ResumedAt > 0 {
+			what = fmt.Sprintf("resumed at %s; sent", humanBytes(st.ResumedAt*push.BlockSize))
+		}
+		fmt.Fprintf(c.Stdout, "%s: %s %x %s %s = %d B (%.2f%%) of a %s image, received %s, in %s\n",
+			host, o.Name, src.Digest[:8], what, humanBytes(st.Sent), st.Sent, 100*float64(st.Sent)/float64(src.VirtualSize),
+			humanBytes(src.VirtualSize), humanBytes(st.Received), took[i].Round(time.Millisecond))
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d of %d hosts failed", failed, len(hosts))
+	}
+	return nil
+}
+
+type countConn struct {
+	rw io.ReadWriter
+	n  *atomic.Int64
+}
+
+func (c *countConn) Read(p []byte) (int, error) { return c.rw.Read(p) }
+func (c *countConn) Write(p []byte) (int, error) {
+	n, err := c.rw.Write(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// progress draws one line per host: redrawn in place on a terminal, a
+// plain line every 5 s otherwise, nothing with --quiet.
+type hostProgress struct {
+	w     io.Writer
+	quiet bool
+	tty   bool
+	names []string
+	total []int64
+	done  []atomic.Int64
+	sent  []atomic.Int64
+	start time.Time
+}
+
+func newHostProgress(w io.Writer, quiet bool, names []string) *hostProgress {
+	return &hostProgress{w: w, quiet: quiet, tty: isTerminal(w), names: names,
+		total: make([]int64, len(names)), done: make([]atomic.Int64, len(names)),
+		sent: make([]atomic.Int64, len(names)), start: time.Now()}
+}
+
+func (p *hostProgress) line(i int) string {
+	done, total := p.done[i].Load(), p.total[i]
+	s := fmt.Sprintf("%-12s ", p.names[i])
+	if total > 0 {
+		frac := float64(done) / float64(total)
+		const width = 30
+		n := int(frac * width)
+		s += "[" + strings.Repeat("=", n) + strings.Repeat(" ", width-n) + fmt.Sprintf("] %3.0f%% ", 100*frac)
+	}
+	s += humanBytes(done)
+	if sent := p.sent[i].Load(); sent > 0 {
+		s += ", sent " + humanBytes(sent)
+	}
+	return s
+}
+
+// run starts drawing; the returned function stops and draws a last time.
+func (p *hostProgress) run(poll func()) func() {
+	if p.quiet {
+		return func() {}
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	drawn := false
+	draw := func() {
+		if poll != nil {
+			poll()
+		}
+		var b bytes.Buffer
+		if p.tty {
+			if drawn {
+				fmt.Fprintf(&b, "\x1b[%dA", len(p.names))
+			}
+			for i := range p.names {
+				fmt.Fprintf(&b, "\r\x1b[2K%s\n", p.line(i))
+			}
+		} else {
+			for i := range p.names {
+				fmt.Fprintf(&b, "%s\n", p.line(i))
+			}
+		}
+		drawn = true
+		p.w.Write(b.Bytes())
+	}
+	go func() {
+		defer wg.Done()
+		every := 5 * time.Second
+		if p.tty {
+			every = 200 * time.Millisecond
+		}
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				if p.tty {
+					draw()
+				}
+				return
+			case <-t.C:
+				draw()
+			}
+		}
+	}()
+	return func() { close(stop); wg.Wait() }
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	f := float64(n)
+	for _, u := range []string{"KiB", "MiB", "GiB", "TiB"} {
+		f /= unit
+		if f < unit {
+			return fmt.Sprintf("%.1f %s", f, u)
+		}
+	}
+	return fmt.Sprintf("%.1f PiB", f/unit)
+}

@@ -1,0 +1,36 @@
+package main
+
+import (
+	"context"
+
+	"github.com/nixvm-image/nixvm-image/push"
+	"github.com/spf13/pflag"
+)
+
+type serveOptions struct {
+	StoreDir string
+}
+
+func init() {
+	register(&command{
+		name:    "serve",
+		summary: "host side of push and images: speak the protocol on stdin/stdout",
+		usage:   "[--store-dir DIR]",
+		help: `Runs one session on stdin and stdout; 'nixvm-image push' and
+'nixvm-image images HOST' start it over ssh. Not meant to be run by hand.
+
+The store holds DIR/NAME/<digest>.qcow2 (immutable, read-only, uncompressed
+sparse qcow2), DIR/NAME/<digest>.index, the DIR/NAME/current symlink, a
+per-name lock file and, while a push is under way, DIR/NAME/.partial/.`,
+		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
+			o := &serveOptions{}
+			fs.StringVar(&o.StoreDir, "store-dir", push.DefaultStoreDir, "the image store")
+			return func(ctx context.Context, c Context, args []string) error {
+				if len(args) != 0 {
+					return usagef("serve takes no arguments, got %q", args)
+				}
+				return push.Serve(ctx, pipeConn{c.Stdin, c.Stdout}, &push.Store{Dir: o.StoreDir})
+			}
+		},
+	})
+}
