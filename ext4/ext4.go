@@ -10,21 +10,32 @@
 //	has_journal ext_attr dir_index filetype extent 64bit flex_bg
 //	sparse_super large_file huge_file dir_nlink extra_isize metadata_csum
 //
+// Use: NewWriter, then WriteHeader for each entry (a directory before its
+// children; "." sets the root's attributes), Write with exactly Header.Size
+// bytes for a regular file, then Close. To size the image first, feed the
+// same headers to a Planner and pass its Usage to MinSize.
+//
 // Scope and limits:
 //   - Regular files, directories, symbolic links and hard links only; no
-//     extended attributes, ACLs, device nodes, fifos or sockets.
+//     extended attributes, ACLs, device nodes, fifos or sockets. A symlink's
+//     mode is always 0777.
 //   - File data is streamed to blocks allocated contiguously when the header
 //     arrives (Header.Size must be exact). Directories, inodes and bitmaps are
-//     kept in memory (about 150 bytes per inode plus the names) and written
-//     by Close. Blocks that stay all-zero are never written, so the
-//     destination must be a fresh zero-filled (sparse) file.
+//     kept in memory (about 120 bytes per inode plus the names) and written
+//     by Close, directory blocks after all file data. Blocks that stay
+//     all-zero (unused inode tables, the journal body, zero blocks of files)
+//     are never written, so the destination must read as zeros (a fresh,
+//     sparse file); inode tables are marked zeroed (INODE_ZEROED).
 //   - Directories whose entries fill more than one block are hash-indexed
-//     (half_md4 with Options.HashSeed, one or two index levels).
-//   - No root-reserved blocks (s_r_blocks_count is 0).
+//     (half_md4 with Options.HashSeed, unsigned; one or two index levels,
+//     i.e. up to about 500*510 leaf blocks).
+//   - No root-reserved blocks (s_r_blocks_count is 0). The journal (inode 8)
+//     has e2fsprogs' default size (ext2fs_default_journal_size); lost+found
+//     is 16 KiB like mke2fs's.
 //   - There is no resize_inode and s_reserved_gdt_blocks is 0: resize2fs
 //     grows the image offline by moving blocks, and the kernel grows it
-//     online (EXT4_IOC_RESIZE_FS) by converting to meta_bg when it needs
-//     more group descriptor blocks (fs/ext4/resize.c ext4_convert_meta_bg).
+//     online (EXT4_IOC_RESIZE_FS) by converting it to meta_bg first
+//     (fs/ext4/resize.c, ext4_convert_meta_bg). Both are tested to 64x.
 //   - The output is a function of the header sequence, the data and the
 //     Options only: the same inputs give the same bytes.
 package ext4
