@@ -56,10 +56,11 @@ type Writer struct {
 	curIdx int64  // its guest cluster index
 
 	// pipeline
-	pool  sync.Pool
-	work  chan *job
-	queue []*job
-	wg    sync.WaitGroup
+	pool    sync.Pool // cluster input buffers
+	outPool sync.Pool // compressed output buffers
+	work    chan *job
+	queue   []*job
+	wg      sync.WaitGroup
 
 	// allocation
 	nextHost  int64      // next free host cluster index
@@ -122,11 +123,12 @@ func NewWriter(dst io.WriterAt, virtualSize int64, opts Options) (*Writer, error
 	}
 	w.stats.GuestClusters = guestClusters
 	w.pool.New = func() any { b := make([]byte, cs); return &b }
+	w.outPool.New = func() any { b := make([]byte, 0, cs+cs/8); return &b }
 	w.allocCluster() // cluster 0: the header
 	inflight := 2 * opts.Workers
 	w.work = make(chan *job, inflight)
 	for range opts.Workers {
-		c, err := newCompressor(opts, int(cs))
+		c, err := newCompressor(opts, int(cs), &w.outPool)
 		if err != nil {
 			close(w.work)
 			w.wg.Wait()
@@ -244,6 +246,9 @@ func (w *Writer) retire() {
 		w.place(j)
 	}
 	w.pool.Put(j.in)
+	if j.out != nil {
+		w.outPool.Put(&j.out)
+	}
 }
 
 func (w *Writer) place(j *job) {
@@ -440,15 +445,16 @@ func (w *Writer) writeMetadata() error {
 
 // compressor is one worker's codec state.
 type compressor struct {
-	kind Compression
-	cs   int
-	zenc *zstd.Encoder
-	fw   *flate.Writer
-	fbuf bytes.Buffer
+	outPool *sync.Pool // shared by all workers; the writer returns buffers
+	kind    Compression
+	cs      int
+	zenc    *zstd.Encoder
+	fw      *flate.Writer
+	fbuf    bytes.Buffer
 }
 
-func newCompressor(o Options, cs int) (*compressor, error) {
-	c := &compressor{kind: o.Compression, cs: cs}
+func newCompressor(o Options, cs int, outPool *sync.Pool) (*compressor, error) {
+	c := &compressor{kind: o.Compression, cs: cs, outPool: outPool}
 	switch o.Compression {
 	case Zstd:
 		enc, err := zstd.NewWriter(nil,
@@ -491,7 +497,7 @@ func (c *compressor) do(j *job) {
 	j.kind = kindRaw
 	switch c.kind {
 	case Zstd:
-		j.out = c.zenc.EncodeAll(in, make([]byte, 0, c.cs))
+		j.out = c.zenc.EncodeAll(in, c.outBuf())
 	case Zlib:
 		c.fbuf.Reset()
 		c.fw.Reset(&c.fbuf)
@@ -501,15 +507,21 @@ func (c *compressor) do(j *job) {
 		if err := c.fw.Close(); err != nil {
 			return
 		}
-		j.out = bytes.Clone(c.fbuf.Bytes())
+		j.out = append(c.outBuf(), c.fbuf.Bytes()...)
 	default:
 		return
 	}
 	if len(j.out) < c.cs {
 		j.kind = kindCompressed
 	} else {
+		c.outPool.Put(&j.out)
 		j.out = nil
 	}
+}
+
+// outBuf returns an empty buffer for compressed output.
+func (c *compressor) outBuf() []byte {
+	return (*c.outPool.Get().(*[]byte))[:0]
 }
 
 func isZero(b []byte) bool {
