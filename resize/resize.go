@@ -23,11 +23,15 @@
 // table, on a partition that is not the last one on its disk, on a logical
 // MBR partition, or a file system other than ext2/3/4.
 //
-// Limits: GPT and MBR only; the partition end is the last usable sector
-// (GPT: last LBA minus the backup entries and header; MBR: last sector of
-// the disk or of the first 2^32 sectors), not rounded to an alignment
-// boundary, as growpart does. An ext4 without the 64bit feature stops at
-// 2^32-1 blocks.
+// Where the partition ends: GPT, like sfdisk, on the last 1 MiB boundary
+// before the backup entries and header (the 33 sectors at the end, plus up
+// to 1 MiB - 1 sector left free); MBR, like sfdisk, on the disk's last sector,
+// or sector 2^32-1 when the disk is bigger (2 TiB with 512-byte sectors).
+//
+// Limits: GPT and MBR only (no logical MBR partitions); 4096-byte-sector
+// disks are handled but not tested against tools (Debian 12's sfdisk cannot
+// make them in files). An ext4 without the 64bit feature stops at 2^32-1
+// blocks.
 package resize
 
 import (
@@ -187,7 +191,7 @@ func Run(opts Options, out io.Writer) (res *Result, err error) {
 
 	// Step 1: the partition table.
 	if p.upToDate() {
-		say("%s: partition %d already ends at sector %d (%s), nothing to do", p.table, p.pno, p.oldEnd, p.note)
+		say("%s: partition %d already ends at sector %d, nothing to do", p.table, p.pno, p.oldEnd)
 	} else {
 		res.Changed = true
 		for _, f := range p.tableFixes {

@@ -88,15 +88,21 @@ func newTestDisk(t *testing.T, spec diskSpec) *testDisk {
 	}
 	f.Truncate(spec.sizeMiB * mib)
 	f.Close()
-	script := "label: " + spec.label + "\n" + spec.script
-	p, err := testutil.LookTool("sfdisk")
-	if err != nil {
-		testutil.Skip(t, "sfdisk not found")
-	}
-	cmd := exec.Command(p, "--no-reread", "--no-tell-kernel", "-q", d.path)
-	cmd.Stdin = strings.NewReader(script)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("sfdisk %s <<%q: %v\n%s", d.path, script, err, out)
+	if spec.label == "sgdisk" {
+		// sgdisk ends the partition at the last usable LBA, sfdisk on a 1 MiB boundary.
+		run(t, "sgdisk", "-n", "1:2048:0", d.path)
+		spec.label = "gpt"
+	} else {
+		script := "label: " + spec.label + "\n" + spec.script
+		p, err := testutil.LookTool("sfdisk")
+		if err != nil {
+			testutil.Skip(t, "sfdisk not found")
+		}
+		cmd := exec.Command(p, "--no-reread", "--no-tell-kernel", "-q", d.path)
+		cmd.Stdin = strings.NewReader(script)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("sfdisk %s <<%q: %v\n%s", d.path, script, err, out)
+		}
 	}
 	part := sfdiskPart(t, d.path, spec.pno)
 	d.partStart, d.partSize = part.Start, part.Size
@@ -300,7 +306,7 @@ func fileHash(t *testing.T, path string) [32]byte {
 // partition pno ends at wantEnd.
 func (d *testDisk) checkTable(t *testing.T, label string, wantEnd uint64) {
 	t.Helper()
-	if label == "gpt" {
+	if label != "dos" {
 		out := run(t, "sgdisk", "-v", d.path)
 		if !strings.Contains(out, "No problems found") {
 			t.Errorf("sgdisk -v %s:\n%s", d.path, out)
@@ -326,6 +332,7 @@ func TestGrow(t *testing.T) {
 		{"gpt root is partition 2 after ESP", diskSpec{label: "gpt", script: "start=2048,size=16MiB,type=U\nstart=34816\n", pno: 2, sizeMiB: 64}},
 		{"mbr root is partition 2", diskSpec{label: "dos", script: "start=2048,size=16MiB\nstart=34816\n", pno: 2, sizeMiB: 64}},
 		{"gpt fs smaller than partition, disk not grown", diskSpec{label: "gpt", script: "start=2048\n", sizeMiB: 64, growTo: 64 * mib, fsSizeMB: 32}},
+		{"gpt made by sgdisk (ends at last usable LBA), grown", diskSpec{label: "sgdisk", sizeMiB: 64}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -338,8 +345,8 @@ func TestGrow(t *testing.T) {
 			}
 			sectors := uint64(d.size) / uint64(d.ss)
 			wantEnd := sectors - 1
-			if tt.spec.label == "gpt" {
-				wantEnd = sectors - 1 - 1 - 16384/uint64(d.ss)
+			if tt.spec.label != "dos" {
+				wantEnd = (sectors-33)/2048*2048 - 1 // 1 MiB-aligned, before the backup GPT
 			}
 			d.checkTable(t, tt.spec.label, wantEnd)
 			wantBytes := (wantEnd - d.partStart + 1) * uint64(d.ss)
@@ -406,6 +413,25 @@ func TestLeftAlone(t *testing.T) {
 	}
 }
 
+// TestNotGrown: fresh images of sfdisk and sgdisk on a disk that was not
+// enlarged need nothing and get no write.
+func TestNotGrown(t *testing.T) {
+	for _, label := range []string{"gpt", "dos", "sgdisk"} {
+		t.Run(label, func(t *testing.T) {
+			d := newTestDisk(t, diskSpec{label: label, script: "start=2048\n", sizeMiB: 64, growTo: 64 * mib})
+			before := fileHash(t, d.path)
+			var out bytes.Buffer
+			res, err := Run(d.options(t), &out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Changed || fileHash(t, d.path) != before || len(d.blkpgCalls)+len(d.fsCalls) > 0 {
+				t.Errorf("changed %v, calls %v %v, output:\n%s", res.Changed, d.blkpgCalls, d.fsCalls, out.String())
+			}
+		})
+	}
+}
+
 func TestDryRun(t *testing.T) {
 	d := newTestDisk(t, diskSpec{label: "gpt", script: "start=2048\n", sizeMiB: 64})
 	before := fileHash(t, d.path)
@@ -453,7 +479,7 @@ func TestGPTLarge(t *testing.T) {
 	if _, err := Run(d.options(t), &out); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
-	d.checkTable(t, "gpt", uint64(3<<40)/512-34)
+	d.checkTable(t, "gpt", (uint64(3<<40)/512-33)/2048*2048-1)
 }
 
 // TestCrashSafety cuts the power after each write of a GPT grow in turn and
@@ -500,7 +526,7 @@ func TestCrashSafety(t *testing.T) {
 				t.Errorf("%s cut after %d writes: rerun result differs from an uncut run\n%s", label, cut, out.String())
 			}
 			if label == "gpt" {
-				d.checkTable(t, label, uint64(d.size)/512-34)
+				d.checkTable(t, label, (uint64(d.size)/512-33)/2048*2048-1)
 			}
 			if cut > 10 {
 				t.Fatal("BUG: more writes than expected")

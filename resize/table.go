@@ -22,6 +22,10 @@ type Device interface {
 // an MBR table must end within it (2 TiB with 512-byte sectors).
 const mbrLimit = 1 << 32
 
+// alignBytes is the alignment of a grown GPT partition's end, sfdisk's
+// default grain.
+const alignBytes = 1 << 20
+
 // plan says how one partition table would grow one partition.
 type plan struct {
 	table      string // "gpt" or "mbr"
@@ -246,10 +250,19 @@ func planGPT(d io.ReaderAt, ss int, diskSectors uint64, pno int, pmbr []byte) (*
 	}
 	entrySectors := (uint64(h.nEntries)*uint64(h.entrySize) + uint64(ss) - 1) / uint64(ss)
 	lastUsable := last - entrySectors - 1
+	// Like sfdisk, end the partition on a 1 MiB boundary below the last
+	// usable LBA (the few sectors in between stay free). A partition that
+	// already ends past that boundary (sgdisk ends at the last usable LBA)
+	// is left as it is, so neither tool's fresh image is touched.
+	grain := uint64(alignBytes / ss)
+	newEnd := (lastUsable+1)/grain*grain - 1
+	note := fmt.Sprintf("to the last 1 MiB boundary before the backup GPT (last usable LBA %d)", lastUsable)
+	if newEnd <= end {
+		newEnd = end
+	}
 	p := &plan{
-		table: "gpt", pno: pno, start: start, oldEnd: end, newEnd: lastUsable,
-		note: fmt.Sprintf("to the last usable LBA, keeping %d sectors for the backup entries and header", entrySectors+1),
-		ss:   ss, diskSectors: diskSectors, gptHdr: h.raw, gptEntries: ents, entrySize: es, entryLBA: h.entryLBA,
+		table: "gpt", pno: pno, start: start, oldEnd: end, newEnd: newEnd, note: note,
+		ss: ss, diskSectors: diskSectors, gptHdr: h.raw, gptEntries: ents, entrySize: es, entryLBA: h.entryLBA,
 		tableFixes: fixes,
 	}
 	if end > lastUsable {

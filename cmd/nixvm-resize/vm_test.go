@@ -1,0 +1,312 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/internal/vmtest"
+)
+
+const mib = 1 << 20
+
+func sh(t testing.TB, stdin string, name string, args ...string) string {
+	t.Helper()
+	p, err := testutil.LookTool(name)
+	if err != nil {
+		testutil.Skip(t, "%s not found", name)
+	}
+	cmd := exec.Command(p, args...)
+	if stdin != "" {
+		cmd.Stdin = strings.NewReader(stdin)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s%s", p, strings.Join(args, " "), err, out, stderr.Bytes())
+	}
+	return string(out)
+}
+
+// buildResize builds nixvm-resize statically for the guest.
+func buildResize(t testing.TB) string {
+	t.Helper()
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		testutil.Skip(t, "go not on PATH")
+	}
+	bin := filepath.Join(t.TempDir(), "nixvm-resize")
+	cmd := exec.Command(goBin, "build", "-trimpath", "-ldflags=-s -w", "-o", bin, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v: %v\n%s", cmd.Args, err, out)
+	}
+	return bin
+}
+
+// guestDisk is one scenario: a disk image made on the host, grown like
+// `qemu-img resize`, attached to the guest.
+type guestDisk struct {
+	name     string
+	label    string // sfdisk label: gpt or dos
+	script   string // sfdisk partition lines
+	sizeMiB  int64
+	growTo   int64  // bytes; 0: not grown
+	format   string // raw or qcow2
+	iface    string // virtio or nvme
+	mkfsOpts []string
+
+	path      string
+	partStart int64 // bytes
+	hash      [32]byte
+}
+
+func (g *guestDisk) create(t *testing.T, dir string) {
+	t.Helper()
+	raw := filepath.Join(dir, g.name+".raw")
+	if err := os.WriteFile(raw, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.Truncate(raw, g.sizeMiB*mib)
+	sh(t, "label: "+g.label+"\n"+g.script, "sfdisk", "--no-reread", "--no-tell-kernel", "-q", raw)
+	start, size := sfdiskPart(t, raw, 1)
+	g.partStart = start * 512
+	sh(t, "", "mkfs.ext4", append(append([]string{"-q", "-F", "-b", "4096"}, g.mkfsOpts...),
+		"-E", fmt.Sprintf("offset=%d", g.partStart), raw, fmt.Sprintf("%dk", size/2))...)
+	g.path = raw
+	if g.format == "qcow2" {
+		g.path = filepath.Join(dir, g.name+".qcow2")
+		sh(t, "", "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, g.path)
+		os.Remove(raw)
+	}
+	if g.growTo > 0 {
+		sh(t, "", "qemu-img", "resize", "-q", "-f", g.format, g.path, fmt.Sprint(g.growTo))
+	}
+}
+
+// rawView returns a raw image of the disk (the file itself, or a sparse
+// conversion of a qcow2).
+func (g *guestDisk) rawView(t *testing.T) string {
+	t.Helper()
+	if g.format != "qcow2" {
+		return g.path
+	}
+	raw := filepath.Join(t.TempDir(), g.name+".raw")
+	sh(t, "", "qemu-img", "convert", "-f", "qcow2", "-O", "raw", g.path, raw)
+	return raw
+}
+
+func sfdiskPart(t *testing.T, path string, pno int) (start, size int64) {
+	t.Helper()
+	out := sh(t, "", "sfdisk", "--dump", path)
+	for _, l := range strings.Split(out, "\n") {
+		dev, rest, ok := strings.Cut(l, " : ")
+		if !ok || dev != fmt.Sprintf("%s%d", path, pno) {
+			continue
+		}
+		for _, f := range strings.Split(rest, ",") {
+			k, v, _ := strings.Cut(strings.TrimSpace(f), "=")
+			n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			switch strings.TrimSpace(k) {
+			case "start":
+				start = n
+			case "size":
+				size = n
+			}
+		}
+		return start, size
+	}
+	t.Fatalf("sfdisk --dump %s: no partition %d:\n%s", path, pno, out)
+	return 0, 0
+}
+
+func fileHash(t *testing.T, path string) [32]byte {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	io.Copy(h, f)
+	return [32]byte(h.Sum(nil))
+}
+
+// hashOutside hashes the disk except partition 1, which the guest mounts
+// (mounting writes the ext4 superblock): the tables, the gaps, and any
+// partition after it must stay byte for byte the same.
+func hashOutside(t *testing.T, g *guestDisk) [32]byte {
+	t.Helper()
+	start, size := sfdiskPart(t, g.path, 1)
+	f, err := os.Open(g.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, _ := f.Stat()
+	h := sha256.New()
+	io.Copy(h, io.NewSectionReader(f, 0, start*512))
+	io.Copy(h, io.NewSectionReader(f, (start+size)*512, fi.Size()))
+	return [32]byte(h.Sum(nil))
+}
+
+// e2fsckPartition runs e2fsck -fn on partition 1 of a raw image through a
+// read-only loop device.
+func e2fsckPartition(t *testing.T, raw string, start, size int64) {
+	t.Helper()
+	loop := strings.TrimSpace(sh(t, "", "losetup", "-r", "-f", "--show", "-o", fmt.Sprint(start), "--sizelimit", fmt.Sprint(size), raw))
+	defer exec.Command("losetup", "-d", loop).Run()
+	sh(t, "", "e2fsck", "-fn", loop)
+}
+
+const guestCaseScript = `
+run_case() {
+	name=$1; dev=$2; shift 2
+	mp=/mnt/$name
+	mkdir -p $mp
+	if ! mount -t ext4 $dev $mp; then echo "@@case $name mount-failed"; return; fi
+	before=$(df -k $mp | tail -n 1 | awk '{print $2}')
+	nixvm-resize --mountpoint $mp "$@" > /tmp/out1 2>&1; rc1=$?
+	sed "s|^|[$name 1] |" /tmp/out1
+	after=$(df -k $mp | tail -n 1 | awk '{print $2}')
+	nixvm-resize --mountpoint $mp "$@" > /tmp/out2 2>&1; rc2=$?
+	sed "s|^|[$name 2] |" /tmp/out2
+	nixvm-resize --strict --mountpoint $mp > /dev/null 2>&1; rc3=$?
+	noop=$(grep -c -e 'nothing to do: ' -e 'nothing touched' /tmp/out2)
+	umount $mp
+	echo "@@case $name rc1=$rc1 rc2=$rc2 strict=$rc3 before=$before after=$after noop2=$noop"
+}
+`
+
+// TestGuest grows real partitions and mounted ext4 file systems in a QEMU
+// guest (Debian kernel, busybox initramfs), one disk per scenario, and checks
+// the disks on the host afterwards with e2fsck -fn, sgdisk -v and sfdisk.
+func TestGuest(t *testing.T) {
+	testutil.Short(t)
+	testutil.NeedRoot(t) // losetup for e2fsck on partitions
+	testutil.NeedTool(t, "qemu-system-x86_64", "qemu-img", "busybox", "sfdisk", "sgdisk", "mkfs.ext4", "e2fsck", "losetup")
+	kernel, rel := vmtest.Kernel(t)
+	dir := t.TempDir()
+	disks := []*guestDisk{
+		{name: "mbr", label: "dos", script: "start=2048\n", sizeMiB: 64, growTo: 256 * mib, format: "raw", iface: "virtio"},
+		{name: "gpt", label: "gpt", script: "start=2048\n", sizeMiB: 64, growTo: 256 * mib, format: "qcow2", iface: "virtio"},
+		{name: "nvme", label: "gpt", script: "start=2048\n", sizeMiB: 64, growTo: 256 * mib, format: "raw", iface: "nvme"},
+		{name: "notlast", label: "gpt", script: "start=2048,size=32MiB\nstart=67584\n", sizeMiB: 64, growTo: 256 * mib, format: "raw", iface: "virtio"},
+		{name: "notgrown", label: "gpt", script: "start=2048\n", sizeMiB: 64, format: "raw", iface: "virtio"},
+		// 3 TiB sparse disk with MBR: stops at 2^32 sectors. The ext4 reserves
+		// GDT blocks for 2 TiB so the online grow needs no meta_bg conversion.
+		{name: "mbr3t", label: "dos", script: "start=2048\n", sizeMiB: 64, growTo: 3 << 40, format: "raw", iface: "virtio",
+			mkfsOpts: []string{"-E", "resize=536870912"}},
+	}
+	var script strings.Builder
+	script.WriteString(guestCaseScript)
+	var vmDisks []vmtest.Disk
+	nvirtio := 0
+	for _, g := range disks {
+		g.create(t, dir)
+		if g.name == "notlast" || g.name == "notgrown" {
+			g.hash = hashOutside(t, g) // (not the 3 TiB one: hashing reads every hole)
+		}
+		dev := fmt.Sprintf("/dev/vd%c1", 'a'+nvirtio)
+		if g.iface == "nvme" {
+			dev = "/dev/nvme0n1p1"
+		} else {
+			nvirtio++
+		}
+		fmt.Fprintf(&script, "run_case %s %s\n", g.name, dev)
+		vmDisks = append(vmDisks, vmtest.Disk{Path: g.path, Format: g.format, Interface: g.iface})
+	}
+	mods, err := vmtest.Modules(filepath.Join("/lib/modules", rel), "virtio_pci", "virtio_blk", "nvme", "crc32c_generic", "ext4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	initrd := filepath.Join(dir, "initrd.cpio")
+	f, err := os.Create(initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = vmtest.BuildInitramfs(f, vmtest.InitramfsConfig{
+		Modules: mods,
+		Files:   []vmtest.File{{Path: "bin/nixvm-resize", HostPath: buildResize(t)}},
+		Script:  script.String(),
+	})
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	out, err := vmtest.Run(context.Background(), vmtest.Config{Kernel: kernel, Initrd: initrd, Disks: vmDisks}, 4*time.Minute)
+	t.Logf("guest ran %s; serial output:\n%s", time.Since(t0).Round(time.Millisecond), out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := map[string]map[string]string{}
+	for _, m := range vmtest.Markers(out, "case") {
+		fields := strings.Fields(m)
+		kv := map[string]string{}
+		for _, f := range fields[1:] {
+			k, v, _ := strings.Cut(f, "=")
+			kv[k] = v
+		}
+		cases[fields[0]] = kv
+	}
+	kib := func(kv map[string]string, k string) int64 { n, _ := strconv.ParseInt(kv[k], 10, 64); return n }
+	for _, g := range disks {
+		t.Run(g.name, func(t *testing.T) {
+			kv, ok := cases[g.name]
+			if !ok {
+				t.Fatalf("no result from the guest")
+			}
+			if kv["rc1"] != "0" || kv["rc2"] != "0" || kv["noop2"] != "1" {
+				t.Errorf("guest: %v, want rc1=0 rc2=0 noop2=1 (second run a no-op)", kv)
+			}
+			raw := g.rawView(t)
+			switch g.name {
+			case "notlast", "notgrown":
+				if hashOutside(t, g) != g.hash {
+					t.Errorf("disk bytes outside the mounted file system changed")
+				}
+				if kib(kv, "after") != kib(kv, "before") {
+					t.Errorf("df: size changed from %d to %d KiB", kib(kv, "before"), kib(kv, "after"))
+				}
+				wantStrict := map[string]string{"notlast": "3", "notgrown": "0"}[g.name]
+				if kv["strict"] != wantStrict {
+					t.Errorf("--strict: exit %s, want %s", kv["strict"], wantStrict)
+				}
+				return
+			}
+			start, size := sfdiskPart(t, raw, 1)
+			sectors := g.growTo / 512
+			wantEnd := (sectors-33)/2048*2048 - 1 // GPT: 1 MiB-aligned, before the backup
+			if g.label == "dos" {
+				wantEnd = min(sectors, 1<<32) - 1
+			}
+			if end := start + size - 1; end != wantEnd {
+				t.Errorf("partition 1 ends at %d, want %d", end, wantEnd)
+			}
+			if g.label == "gpt" {
+				if v := sh(t, "", "sgdisk", "-v", raw); !strings.Contains(v, "No problems found") {
+					t.Errorf("sgdisk -v:\n%s", v)
+				}
+			}
+			// df's size is the file system minus its overhead; it must be
+			// within 5% of the partition.
+			partKiB := size / 2
+			if a := kib(kv, "after"); a < partKiB*95/100 || a > partKiB || a <= kib(kv, "before") {
+				t.Errorf("df: %d KiB before, %d after, want about the partition's %d KiB", kib(kv, "before"), a, partKiB)
+			}
+			e2fsckPartition(t, raw, start*512, size*512)
+		})
+	}
+}
