@@ -1,7 +1,6 @@
 package push
 
 import (
-	"bufio"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -9,38 +8,25 @@ import (
 	"runtime"
 	"sync"
 
-	"github.com/zeebo/blake3"
+	"github.com/nixvm-image/nixvm-image/manifest"
 )
 
 // BlockSize is the unit of identity: 4 KiB of the guest-visible disk.
-const BlockSize = 4096
+const BlockSize = manifest.BlockSize
 
-// Hash identifies one block: BLAKE3 truncated to 128 bits, the same as the
-// manifest package's block hashes. A short last block is hashed zero-padded.
-type Hash [16]byte
+// Hash identifies one block: BLAKE3 truncated to 128 bits (manifest.Hash).
+// A short last block is hashed zero-padded.
+type Hash = manifest.Hash
 
-func hashBlock(p []byte) Hash {
-	s := blake3.Sum256(p)
-	var h Hash
-	copy(h[:], s[:16])
-	return h
-}
+func hashBlock(p []byte) Hash { return manifest.HashBlock(p) }
 
 var zeroBlock = make([]byte, BlockSize)
 
 // ZeroHash is the hash of an all-zero block.
-var ZeroHash = hashBlock(zeroBlock)
+var ZeroHash = manifest.ZeroHash()
 
 // Digest is BLAKE3 over the concatenated block hashes: an image's identity.
-func Digest(blocks []Hash) [32]byte {
-	h := blake3.New()
-	for i := range blocks {
-		h.Write(blocks[i][:])
-	}
-	var d [32]byte
-	h.Sum(d[:0])
-	return d
-}
+func Digest(blocks []Hash) [32]byte { return manifest.ComputeDigest(blocks) }
 
 func runSum(blocks []Hash) [16]byte {
 	d := Digest(blocks)
@@ -112,52 +98,26 @@ func HashImage(r io.ReaderAt, size int64, progress func(int64)) ([]Hash, error) 
 	return hashes, nil
 }
 
-// Index files: the host's record of a generation's block hashes, written as
-// the generation is written so no old image is ever re-read to be indexed.
-//
-//	"nixvmidx" | virtual size (8 bytes LE) | hashes (16 bytes each) | digest (32)
-const indexMagic = "nixvmidx"
+// Index files: the host's record of a generation's block hashes, a
+// manifest written as the generation is written, so no old image is ever
+// re-read to be indexed.
 
 // ErrIndex reports an index file that is damaged.
 var ErrIndex = errors.New("push: bad index")
 
 func writeIndex(w io.Writer, virtualSize int64, blocks []Hash) error {
-	bw := bufio.NewWriter(w)
-	bw.WriteString(indexMagic)
-	binary.Write(bw, binary.LittleEndian, uint64(virtualSize))
-	for i := range blocks {
-		bw.Write(blocks[i][:])
-	}
-	d := Digest(blocks)
-	bw.Write(d[:])
-	return bw.Flush()
+	m := &manifest.Manifest{VirtualSize: virtualSize, Blocks: blocks, Digest: Digest(blocks)}
+	_, err := m.WriteTo(w)
+	return err
 }
 
 func readIndex(r io.Reader) (int64, []Hash, [32]byte, error) {
-	var d [32]byte
-	br := bufio.NewReader(r)
-	var m [8]byte
-	if _, err := io.ReadFull(br, m[:]); err != nil || string(m[:]) != indexMagic {
-		return 0, nil, d, fmt.Errorf("%w: no index magic", ErrIndex)
+	m, err := manifest.Read(r)
+	if err != nil {
+		return 0, nil, [32]byte{}, fmt.Errorf("%w: %w", ErrIndex, err)
 	}
-	var size uint64
-	if err := binary.Read(br, binary.LittleEndian, &size); err != nil {
-		return 0, nil, d, fmt.Errorf("%w: %v", ErrIndex, err)
+	if m.VirtualSize <= 0 || m.VirtualSize > maxVirtualSize {
+		return 0, nil, m.Digest, fmt.Errorf("%w: virtual size %d out of range", ErrIndex, m.VirtualSize)
 	}
-	if size == 0 || size > maxVirtualSize {
-		return 0, nil, d, fmt.Errorf("%w: virtual size %d out of range", ErrIndex, size)
-	}
-	blocks := make([]Hash, blockCount(int64(size)))
-	for i := range blocks {
-		if _, err := io.ReadFull(br, blocks[i][:]); err != nil {
-			return 0, nil, d, fmt.Errorf("%w: %v", ErrIndex, err)
-		}
-	}
-	if _, err := io.ReadFull(br, d[:]); err != nil {
-		return 0, nil, d, fmt.Errorf("%w: %v", ErrIndex, err)
-	}
-	if got := Digest(blocks); got != d {
-		return 0, nil, d, fmt.Errorf("%w: digest mismatch: got %x, want %x", ErrIndex, got, d)
-	}
-	return int64(size), blocks, d, nil
+	return m.VirtualSize, m.Blocks, m.Digest, nil
 }

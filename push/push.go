@@ -19,6 +19,7 @@
 package push
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -31,6 +32,7 @@ import (
 	"github.com/lima-vm/go-qcow2reader"
 	"github.com/lima-vm/go-qcow2reader/image"
 	"github.com/lima-vm/go-qcow2reader/image/qcow2"
+	"github.com/nixvm-image/nixvm-image/manifest"
 )
 
 func init() {
@@ -49,7 +51,10 @@ type Source struct {
 	VirtualSize int64
 	Blocks      []Hash
 	Digest      [32]byte
-	close       func() error
+	// FromManifest says the hashes came from IMAGE.manifest, not from
+	// reading the image.
+	FromManifest bool
+	close        func() error
 }
 
 // Close releases the image file.
@@ -60,7 +65,9 @@ func (s *Source) Close() error {
 	return nil
 }
 
-// OpenSource opens a qcow2 (or raw) image and hashes its virtual disk.
+// OpenSource opens a qcow2 (or raw) image. Its block hashes come from the
+// manifest the builder wrote beside it (path + ".manifest") when that
+// exists and has the image's virtual size, else from hashing the image.
 // progress, if not nil, receives bytes hashed.
 func OpenSource(path string, progress func(int64)) (*Source, error) {
 	f, err := os.Open(path)
@@ -77,7 +84,20 @@ func OpenSource(path string, progress func(int64)) (*Source, error) {
 		f.Close()
 		return nil, fmt.Errorf("push: %s: %w", path, err)
 	}
-	src, err := NewSource(img, img.Size(), progress)
+	var src *Source
+	if m, merr := readManifestFile(path + ".manifest"); merr == nil && m.VirtualSize == img.Size() {
+		// The builder's manifest: no need to hash the image again.
+		src = &Source{R: img, VirtualSize: m.VirtualSize, Blocks: m.Blocks, Digest: m.Digest, FromManifest: true}
+		if progress != nil {
+			progress(m.VirtualSize)
+		}
+	} else if merr != nil && !errors.Is(merr, os.ErrNotExist) {
+		img.Close()
+		f.Close()
+		return nil, fmt.Errorf("push: %s.manifest: %w (delete it to hash the image instead)", path, merr)
+	} else {
+		src, err = NewSource(img, img.Size(), progress)
+	}
 	if err != nil {
 		img.Close()
 		f.Close()
@@ -526,4 +546,13 @@ func List(ctx context.Context, conn io.ReadWriter, name string) ([]Generation, e
 		return nil, err
 	}
 	return r.Gens, nil
+}
+
+func readManifestFile(path string) (*manifest.Manifest, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return manifest.Read(bufio.NewReaderSize(f, 1<<20))
 }

@@ -225,6 +225,9 @@ func TestQemuImgCompare(t *testing.T) {
 	if err := wait(); err != nil {
 		t.Fatal(err)
 	}
+	if s.FromManifest {
+		t.Error("OpenSource used a manifest that does not exist")
+	}
 	cur := filepath.Join(store.Dir, "b", "current")
 	for _, args := range [][]string{{"check", cur}, {"compare", src, cur}, {"compare", "-f", "raw", rawPath, cur}} {
 		if out, err := exec.Command(qimg, args...).CombinedOutput(); err != nil {
@@ -422,5 +425,57 @@ func TestValidName(t *testing.T) {
 		if err := ValidName(name); (err == nil) != ok {
 			t.Errorf("ValidName(%q): got %v, want ok=%v", name, err, ok)
 		}
+	}
+}
+
+func TestSourceManifest(t *testing.T) {
+	qimg := testutil.NeedTool(t, "qemu-img")[0]
+	dir := t.TempDir()
+	raw := testImage(3, 1<<20)
+	rawPath := filepath.Join(dir, "a.raw")
+	os.WriteFile(rawPath, raw, 0o644)
+	img := filepath.Join(dir, "a.qcow2")
+	if out, err := exec.Command(qimg, "convert", "-f", "raw", "-O", "qcow2", "-c", rawPath, img).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img convert: %v: %s", err, out)
+	}
+	want := source(t, raw)
+	writeManifest := func(blocks []Hash) {
+		f, err := os.Create(img + ".manifest")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if err := writeIndex(f, int64(len(raw)), blocks); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeManifest(want.Blocks)
+	s, err := OpenSource(img, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !s.FromManifest || s.Digest != want.Digest {
+		t.Fatalf("OpenSource with a manifest: FromManifest=%v digest %x, want true and %x", s.FromManifest, s.Digest, want.Digest)
+	}
+	s.Close()
+
+	// A stale manifest (of other content) is caught by the host's digest check.
+	writeManifest(source(t, testImage(4, 1<<20)).Blocks)
+	s, err = OpenSource(img, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	store := &Store{Dir: filepath.Join(dir, "store")}
+	conn, wait := pipeSession(t, store, 0)
+	_, err = Push(context.Background(), conn, s, Options{Name: "a"})
+	if !errors.Is(err, ErrRemote) || !strings.Contains(err.Error(), "digest") {
+		t.Fatalf("push with a stale manifest: got %v, want a remote digest mismatch", err)
+	}
+	if err := wait(); !errors.Is(err, ErrDigest) {
+		t.Fatalf("serve: got %v, want ErrDigest", err)
+	}
+	if _, err := os.Lstat(filepath.Join(store.Dir, "a", "current")); !os.IsNotExist(err) {
+		t.Fatalf("current exists after a failed push: %v", err)
 	}
 }

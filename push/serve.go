@@ -304,7 +304,7 @@ func (rc *receiver) stream(ctx context.Context) error {
 			}
 			if got := Digest(p.hashes); got != rc.h.Digest {
 				p.discard()
-				return fmt.Errorf("%w: the received image has digest %x, the sender announced %x; push again", ErrDigest, got, rc.h.Digest)
+				return fmt.Errorf("%w: the received image has digest %x, the sender announced %x (a stale IMAGE.manifest beside the image? delete it); push again", ErrDigest, got, rc.h.Digest)
 			}
 			if err := rc.s.store.commit(rc.h.Name, p); err != nil {
 				return fmt.Errorf("push: storing generation %x of %q: %w", rc.h.Digest[:8], rc.h.Name, err)

@@ -1,6 +1,7 @@
 package push
 
 import (
+	"bufio"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -32,7 +33,7 @@ var (
 // Store is a host's image store:
 //
 //	Dir/<name>/<digest>.qcow2   immutable generations (mode 0444), uncompressed sparse qcow2
-//	Dir/<name>/<digest>.index   their block hashes, written with the image
+//	Dir/<name>/<digest>.qcow2.manifest  their block hashes (manifest format), written with the image
 //	Dir/<name>/current          symlink to the current generation, swapped atomically
 //	Dir/<name>/.lock            flock'ed by the push in progress
 //	Dir/<name>/.partial/        the generation being received and its progress record
@@ -109,7 +110,7 @@ func (s *Store) List(name string) ([]Generation, error) {
 		if err != nil || !fi.Mode().IsRegular() {
 			continue
 		}
-		size, err := indexSize(strings.TrimSuffix(p, ".qcow2") + ".index")
+		size, err := indexSize(p + ".manifest")
 		if err != nil {
 			continue // an interrupted commit; never offered
 		}
@@ -128,31 +129,24 @@ func (s *Store) List(name string) ([]Generation, error) {
 	return out, nil
 }
 
+// indexSize reads (and so validates) a generation's index.
 func indexSize(path string) (int64, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return 0, err
 	}
 	defer f.Close()
-	var b [16]byte
-	if _, err := io.ReadFull(f, b[:]); err != nil || string(b[:8]) != indexMagic {
-		return 0, fmt.Errorf("%w: %s", ErrIndex, path)
-	}
-	return int64(le64(b[8:])), nil
-}
-
-func le64(b []byte) uint64 {
-	return uint64(b[0]) | uint64(b[1])<<8 | uint64(b[2])<<16 | uint64(b[3])<<24 |
-		uint64(b[4])<<32 | uint64(b[5])<<40 | uint64(b[6])<<48 | uint64(b[7])<<56
+	size, _, _, err := readIndex(bufio.NewReaderSize(f, 1<<20))
+	return size, err
 }
 
 func (s *Store) loadIndex(g Generation) ([]Hash, error) {
-	f, err := os.Open(strings.TrimSuffix(g.Path, ".qcow2") + ".index")
+	f, err := os.Open(g.Path + ".manifest")
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	_, blocks, d, err := readIndex(f)
+	_, blocks, d, err := readIndex(bufio.NewReaderSize(f, 1<<20))
 	if err != nil {
 		return nil, err
 	}
@@ -383,7 +377,7 @@ func (s *Store) commit(name string, p *partial) (err error) {
 	dir := filepath.Join(s.dir(), name)
 	base := filepath.Join(dir, digestHex(p.digest))
 
-	idx := base + ".index"
+	idx := base + ".qcow2.manifest"
 	tmpIdx := filepath.Join(p.dir, "index.tmp")
 	if err := writeFileWith(tmpIdx, 0o444, func(w io.Writer) error { return writeIndex(w, p.size, p.hashes) }); err != nil {
 		return err

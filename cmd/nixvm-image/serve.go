@@ -20,7 +20,7 @@ func init() {
 'nixvm-image images HOST' start it over ssh. Not meant to be run by hand.
 
 The store holds DIR/NAME/<digest>.qcow2 (immutable, read-only, uncompressed
-sparse qcow2), DIR/NAME/<digest>.index, the DIR/NAME/current symlink, a
+sparse qcow2), DIR/NAME/<digest>.qcow2.manifest, the DIR/NAME/current symlink, a
 per-name lock file and, while a push is under way, DIR/NAME/.partial/.`,
 		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
 			o := &serveOptions{}
