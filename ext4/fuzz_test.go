@@ -29,7 +29,7 @@ func fuzzTree(data []byte) []tfile {
 		if b&0x80 != 0 {
 			name += strings.Repeat(string(rune('A'+a%26)), int(b)&0x7f+int(a)%128)
 		}
-		name = name[:min(len(name), 255)]
+		name = name[:min(len(name), 180)]
 		p := join(parent, name)
 		switch op {
 		case 0:
