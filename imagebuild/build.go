@@ -62,6 +62,11 @@ type Options struct {
 
 	Log      io.Writer // one line per step; nil discards
 	Progress Progress  // nil is off
+
+	// Bootloader, when set, runs on the finished raw disk (laid out as plan,
+	// root file system written) before it is packed: the VM stage
+	// (imagebuild/vm) that installs the boot loader. nil installs none.
+	Bootloader func(ctx context.Context, raw *os.File, plan *partition.Plan) error
 }
 
 // Result describes a finished build.
@@ -181,6 +186,7 @@ func (b *builder) run() (*Result, error) {
 	c := o.Closure
 
 	// 1. Scan every store path.
+	t0 := time.Now()
 	b.scan = newScanner()
 	for _, p := range c.Paths {
 		if err := b.ctx.Err(); err != nil {
@@ -196,7 +202,7 @@ func (b *builder) run() (*Result, error) {
 		b.trees = append(b.trees, t)
 	}
 	s := b.scan
-	b.logf("scanned %d store paths: %d files, %s of data", len(c.Paths), s.files, humanBytes(s.bytes))
+	b.logf("scanned %d store paths: %d files, %s of data (%s)", len(c.Paths), s.files, humanBytes(s.bytes), since(t0))
 
 	// 2. Plan sizes. The database is written after the store (it needs the
 	// NAR hashes); budget generously for it.
@@ -248,10 +254,18 @@ func (b *builder) run() (*Result, error) {
 	if err := plan.WriteESP(raw, ids); err != nil {
 		return nil, err
 	}
+	t0 = time.Now()
 	if err := b.writeRoot(raw, plan); err != nil {
 		return nil, err
 	}
-	b.logf("bootloader: none installed (the VM stage that installs one comes with bootable images)")
+	b.logf("wrote the root file system: %s of files, NAR hashes checked (%s)", humanBytes(s.bytes), since(t0))
+	if o.Bootloader != nil {
+		if err := o.Bootloader(b.ctx, raw, plan); err != nil {
+			return nil, err
+		}
+	} else {
+		b.logf("bootloader: none installed")
+	}
 
 	// 4. The container and the manifest, in one pass over the raw disk.
 	var out *os.File
@@ -273,6 +287,7 @@ func (b *builder) run() (*Result, error) {
 	if o.Progress != nil {
 		o.Progress.Phase("pack "+string(o.Format), plan.DiskSize)
 	}
+	t0 = time.Now()
 	if err := copySparse(b.ctx, raw, plan.DiskSize, sinks, o.Progress); err != nil {
 		return nil, err
 	}
@@ -280,8 +295,10 @@ func (b *builder) run() (*Result, error) {
 		if err := qw.Close(); err != nil {
 			return nil, err
 		}
+		b.logf("packed qcow2 (%s compression) and block manifest (%s)", o.Compression, since(t0))
 	} else {
 		out = raw
+		b.logf("hashed the raw disk for the block manifest (%s)", since(t0))
 	}
 	m, err := hasher.Finish()
 	if err != nil {
@@ -332,6 +349,8 @@ func (b *builder) run() (*Result, error) {
 		Digest:     m.Digest,
 	}, nil
 }
+
+func since(t time.Time) string { return time.Since(t).Round(time.Millisecond).String() }
 
 func syncDir(dir string) {
 	if d, err := os.Open(dir); err == nil {
