@@ -39,59 +39,59 @@ func prefixOf(h Hash) uint64 { return binary.LittleEndian.Uint64(h[:8]) }
 
 func blockCount(virtualSize int64) int64 { return (virtualSize + BlockSize - 1) / BlockSize }
 
-// HashImage computes the block hashes of the first size bytes of r, reading
-// chunks of 4 MiB with all CPUs hashing. progress, if not nil, gets the
-// bytes done.
+// HashImage computes the block hashes of the first size bytes of r, with
+// one goroutine per CPU each reading and hashing 4 MiB chunks (r must allow
+// concurrent ReadAt, as files and go-qcow2reader images do). progress, if
+// not nil, gets the bytes done, from several goroutines.
 func HashImage(r io.ReaderAt, size int64, progress func(int64)) ([]Hash, error) {
-	n := blockCount(size)
 	if size <= 0 || size > maxVirtualSize {
 		return nil, fmt.Errorf("push: image size %d out of range (1 B to 1 TiB)", size)
 	}
-	hashes := make([]Hash, n)
+	hashes := make([]Hash, blockCount(size))
 	const chunk = 4 << 20
-	workers := runtime.GOMAXPROCS(0)
-	type job struct {
-		off int64
-		buf []byte
-	}
-	jobs := make(chan job, workers)
-	free := make(chan []byte, workers+1)
-	for i := 0; i < workers+1; i++ {
-		free <- make([]byte, chunk)
-	}
+	offs := make(chan int64)
+	errs := make(chan error, 1)
 	var wg sync.WaitGroup
-	for i := 0; i < workers; i++ {
+	for range runtime.GOMAXPROCS(0) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for j := range jobs {
-				for o := 0; o < len(j.buf); o += BlockSize {
-					b := j.buf[o:min(o+BlockSize, len(j.buf))]
-					if len(b) < BlockSize {
-						b = append(append([]byte(nil), b...), zeroBlock[len(b):]...)
+			buf := make([]byte, chunk)
+			for off := range offs {
+				b := buf[:min(int64(chunk), size-off)]
+				if n, err := r.ReadAt(b, off); n < len(b) {
+					select {
+					case errs <- fmt.Errorf("push: reading image at %d: %w", off, noEOF(err)):
+					default:
 					}
-					hashes[(j.off+int64(o))/BlockSize] = hashBlock(b)
+					continue
 				}
-				free <- j.buf[:cap(j.buf)]
+				for o := 0; o < len(b); o += BlockSize {
+					hashes[(off+int64(o))/BlockSize] = hashBlock(b[o:min(o+BlockSize, len(b))])
+				}
+				if progress != nil {
+					progress(int64(len(b)))
+				}
 			}
 		}()
 	}
 	var err error
+feed:
 	for off := int64(0); off < size; off += chunk {
-		buf := <-free
-		buf = buf[:min(int64(chunk), size-off)]
-		if n, e := r.ReadAt(buf, off); n < len(buf) {
-			err = fmt.Errorf("push: reading image at %d: %w", off, noEOF(e))
-			free <- buf
-			break
-		}
-		jobs <- job{off, buf}
-		if progress != nil {
-			progress(int64(len(buf)))
+		select {
+		case err = <-errs:
+			break feed
+		case offs <- off:
 		}
 	}
-	close(jobs)
+	close(offs)
 	wg.Wait()
+	if err == nil {
+		select {
+		case err = <-errs:
+		default:
+		}
+	}
 	if err != nil {
 		return nil, err
 	}

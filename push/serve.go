@@ -401,20 +401,40 @@ func (rc *receiver) copyRun(o *op) error {
 		if err := read(o.Src+done, buf); err != nil {
 			return fmt.Errorf("push: reading a stored generation: %w", err)
 		}
+		// Write runs of good non-zero blocks with one call each.
+		first := int64(-1)
+		write := func(end int64) error {
+			if first < 0 {
+				return nil
+			}
+			err := p.writeBlocks(o.Start+done+first, buf[first*BlockSize:end*BlockSize])
+			first = -1
+			if err != nil {
+				return fmt.Errorf("push: writing the received image: %w", err)
+			}
+			return nil
+		}
 		for i := int64(0); i < n; i++ {
 			dst := o.Start + done + i
 			want := expect[done+i]
-			if hashBlock(buf[i*BlockSize:(i+1)*BlockSize]) != want {
+			good := hashBlock(buf[i*BlockSize:(i+1)*BlockSize]) == want
+			if good {
+				p.hashes[dst] = want
+			} else {
 				p.missing[dst] = true
+			}
+			if !good || want == ZeroHash {
+				if err := write(i); err != nil {
+					return err
+				}
 				continue
 			}
-			p.hashes[dst] = want
-			if want == ZeroHash {
-				continue
+			if first < 0 {
+				first = i
 			}
-			if err := p.writeBlocks(dst, buf[i*BlockSize:(i+1)*BlockSize]); err != nil {
-				return fmt.Errorf("push: writing the received image: %w", err)
-			}
+		}
+		if err := write(n); err != nil {
+			return err
 		}
 		done += n
 	}
