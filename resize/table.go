@@ -62,6 +62,9 @@ func readSector(d io.ReaderAt, ss int, lba uint64) ([]byte, error) {
 // planTable reads the partition table of a disk of diskSectors sectors of ss
 // bytes and plans growing partition pno to the end of the disk.
 func planTable(d io.ReaderAt, ss int, diskSectors uint64, pno int) (*plan, error) {
+	if diskSectors < 64 {
+		return nil, fmt.Errorf("%w: disk of %d sectors is too small for a partition table", ErrCorruptTable, diskSectors)
+	}
 	mbr, err := readSector(d, ss, 0)
 	if err != nil {
 		return nil, err
@@ -88,8 +91,11 @@ func planMBR(ss int, diskSectors uint64, pno int, mbr []byte) (*plan, error) {
 		return e[4], uint64(binary.LittleEndian.Uint32(e[8:])), uint64(binary.LittleEndian.Uint32(e[12:]))
 	}
 	typ, start, size := ent(pno - 1)
-	if typ == 0 || size == 0 {
+	if typ == 0 || size == 0 || start == 0 {
 		return nil, fmt.Errorf("%w: MBR entry %d is empty", ErrCorruptTable, pno)
+	}
+	if typ == 0x05 || typ == 0x0f || typ == 0x85 {
+		return nil, fmt.Errorf("%w: MBR entry %d is an extended partition", ErrUnsupported, pno)
 	}
 	for i := 0; i < 4; i++ {
 		t, s, n := ent(i)
@@ -249,17 +255,21 @@ func planGPT(d io.ReaderAt, ss int, diskSectors uint64, pno int, pmbr []byte) (*
 		}
 	}
 	entrySectors := (uint64(h.nEntries)*uint64(h.entrySize) + uint64(ss) - 1) / uint64(ss)
+	if last < 2*entrySectors+3 || start < 2+entrySectors || end < start {
+		return nil, fmt.Errorf("%w: GPT partition %d at LBA %d-%d does not fit a disk of %d sectors with %d-sector entry arrays",
+			ErrCorruptTable, pno, start, end, diskSectors, entrySectors)
+	}
 	lastUsable := last - entrySectors - 1
 	// Like sfdisk, end the partition on a 1 MiB boundary below the last
 	// usable LBA (the few sectors in between stay free). A partition that
 	// already ends past that boundary (sgdisk ends at the last usable LBA)
 	// is left as it is, so neither tool's fresh image is touched.
 	grain := uint64(alignBytes / ss)
-	newEnd := (lastUsable+1)/grain*grain - 1
-	note := fmt.Sprintf("to the last 1 MiB boundary before the backup GPT (last usable LBA %d)", lastUsable)
-	if newEnd <= end {
-		newEnd = end
+	newEnd := end
+	if aligned := (lastUsable + 1) / grain * grain; aligned > 0 && aligned-1 > end {
+		newEnd = aligned - 1
 	}
+	note := fmt.Sprintf("to the last 1 MiB boundary before the backup GPT (last usable LBA %d)", lastUsable)
 	p := &plan{
 		table: "gpt", pno: pno, start: start, oldEnd: end, newEnd: newEnd, note: note,
 		ss: ss, diskSectors: diskSectors, gptHdr: h.raw, gptEntries: ents, entrySize: es, entryLBA: h.entryLBA,
