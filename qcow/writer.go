@@ -68,7 +68,7 @@ type Writer struct {
 	l2        [][]uint64 // per L1 index, nil when all entries are zero
 	l2Entries int64
 	packIdx   int64 // host cluster holding packed compressed data, -1 if none
-	packUsed  int64 // bytes used in it (multiple of the sector size)
+	packUsed  int64 // bytes used in it
 	packBuf   []byte
 	csizeBits uint // x in the compressed cluster descriptor
 
@@ -267,8 +267,10 @@ func (w *Writer) place(j *job) {
 }
 
 func (w *Writer) placeCompressed(idx int64, data []byte) {
+	// Compressed clusters are packed byte by byte, as QEMU packs them: the
+	// descriptor holds a byte offset and the count of further 512-byte
+	// sectors the data touches, and readers ignore what follows the data.
 	n := int64(len(data))
-	padded := (n + sectorSize - 1) &^ (sectorSize - 1)
 	if w.packIdx >= 0 && w.packUsed+n > w.cs && w.packIdx+1 != w.nextHost {
 		// It would span into the next host cluster, which is taken.
 		w.flushPack()
@@ -286,11 +288,11 @@ func (w *Writer) placeCompressed(idx int64, data []byte) {
 		w.err = fmt.Errorf("qcow: image too large: compressed cluster at host offset %d does not fit the descriptor", hostOff)
 		return
 	}
-	sectors := uint64(padded/sectorSize - 1)
+	sectors := uint64((hostOff+n-1)/sectorSize - hostOff/sectorSize)
 	w.setL2(idx, oflagCompressed|sectors<<w.csizeBits|uint64(hostOff))
 	w.refcounts[w.packIdx]++
 	c := copy(w.packBuf[w.packUsed:], data)
-	w.packUsed += padded
+	w.packUsed += n
 	if w.packUsed >= w.cs {
 		// Ends exactly at, or spans past, the end of this host cluster;
 		// the next one is contiguous (checked above).
