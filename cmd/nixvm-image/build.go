@@ -7,10 +7,12 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/pflag"
 
 	"github.com/nixvm-image/nixvm-image/imagebuild"
+	"github.com/nixvm-image/nixvm-image/imagebuild/vm"
 	"github.com/nixvm-image/nixvm-image/nixclosure"
 	"github.com/nixvm-image/nixvm-image/partition"
 	"github.com/nixvm-image/nixvm-image/qcow"
@@ -29,6 +31,15 @@ type buildOptions struct {
 	jobs         int
 	quiet        bool
 	noBootloader bool
+
+	// NixOS configuration and the VM stage.
+	flake     string
+	kernel    string
+	modules   string
+	accel     string
+	vmTimeout time.Duration
+	vmInit    string
+	dryRun    bool
 }
 
 func (o *buildOptions) AddFlags(fs *pflag.FlagSet) {
@@ -43,7 +54,14 @@ func (o *buildOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.compression, "compression", "zstd", "qcow2 cluster compression: zstd, zlib or none")
 	fs.IntVarP(&o.jobs, "jobs", "j", 0, "compression workers (default: all cores); the output is the same for any value")
 	fs.BoolVarP(&o.quiet, "quiet", "q", false, "print nothing but errors")
-	fs.BoolVar(&o.noBootloader, "no-bootloader", false, "install no bootloader (for direct kernel boot); currently no build installs one")
+	fs.BoolVar(&o.noBootloader, "no-bootloader", false, "skip the VM stage: install no boot loader (for direct kernel boot)")
+	fs.StringVar(&o.flake, "flake", "", "build the NixOS configuration FLAKE#NAME (nixosConfigurations.NAME) with nix build")
+	fs.StringVar(&o.kernel, "kernel", "", "kernel (bzImage) for the VM stage; default: the system's own TOPLEVEL/kernel")
+	fs.StringVar(&o.modules, "modules", "", "kernel modules for the VM stage: a directory with modules.dep, or one with lib/modules/RELEASE; default: TOPLEVEL/kernel-modules")
+	fs.StringVar(&o.accel, "accel", "auto", "VM stage accelerator: auto (try KVM under a watchdog, fall back to TCG), kvm or tcg")
+	fs.DurationVar(&o.vmTimeout, "vm-timeout", vm.DefaultTimeout, "kill the VM stage's guest after this long")
+	fs.StringVar(&o.vmInit, "vm-init", "", "static nixvm-image binary used as the VM's /init (default: this executable, which must be static: CGO_ENABLED=0)")
+	fs.BoolVar(&o.dryRun, "dry-run", false, "print the VM stage's QEMU command line and write nothing")
 }
 
 func init() {
@@ -74,14 +92,27 @@ references); name it with --toplevel when the file describes several roots.`,
 }
 
 func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) error {
-	if len(args) > 0 {
-		return usagef("unexpected argument %q: building from a NixOS configuration file is not supported yet; build the system with nix-build and pass --toplevel", args[0])
+	if len(args) > 1 {
+		return usagef("unexpected argument %q: give one CONFIG.nix", args[1])
 	}
-	if o.output == "" {
+	config := ""
+	if len(args) == 1 {
+		config = args[0]
+	}
+	sources := 0
+	for _, s := range []string{config, o.flake, o.toplevel + o.closure} {
+		if s != "" {
+			sources++
+		}
+	}
+	if sources > 1 {
+		return usagef("give one of CONFIG.nix, --flake, or --toplevel/--closure")
+	}
+	if o.output == "" && !o.dryRun {
 		return usagef("--output (-o) is required: name the image file to write")
 	}
-	if o.toplevel == "" && o.closure == "" {
-		return usagef("give --toplevel PATH or --closure FILE")
+	if sources == 0 {
+		return usagef("give a NixOS configuration (CONFIG.nix or --flake FLAKE#NAME), or a built system (--toplevel PATH or --closure FILE)")
 	}
 	layout, err := partition.ParseLayout(o.layout)
 	if err != nil {
@@ -118,20 +149,54 @@ func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) er
 			return fmt.Errorf("SOURCE_DATE_EPOCH=%q is not a number of seconds; unset it or fix it", s)
 		}
 	}
+	log := c.Stderr
+	if o.quiet {
+		log = nil
+	}
 	// Refuse an existing output before any work.
-	if !o.force {
+	if !o.force && !o.dryRun {
 		if _, err := os.Lstat(o.output); err == nil {
 			return fmt.Errorf("%s exists; pass --force to replace it", o.output)
 		}
 	}
 
-	closure, toplevel, err := loadClosure(ctx, o.closure, o.toplevel)
+	var vmOpts vm.Options
+	if !o.noBootloader {
+		// Check the VM flags before a long evaluation.
+		if vmOpts, err = o.vmOptions("", epoch, nil); err != nil {
+			return err
+		}
+	}
+	toplevelFlag := o.toplevel
+	if config != "" || o.flake != "" {
+		top, cleanup, err := buildSystem(ctx, config, o.flake, layout, log)
+		if err != nil {
+			return err
+		}
+		defer cleanup()
+		toplevelFlag = top
+	}
+	closure, toplevel, err := loadClosure(ctx, o.closure, toplevelFlag)
 	if err != nil {
 		return err
 	}
-	log := c.Stderr
-	if o.quiet {
-		log = nil
+	if !o.noBootloader {
+		vmOpts.Toplevel = toplevel
+		// Fail early, before the image is written, without a kernel.
+		if _, _, err := vmOpts.KernelAndModules(); err != nil {
+			return err
+		}
+	}
+	if o.dryRun {
+		if o.noBootloader {
+			fmt.Fprintln(c.Stdout, "# --no-bootloader: no VM stage")
+			return nil
+		}
+		plan, err := partition.NewPlan(layout, 1<<30, espSize)
+		if err != nil {
+			return err
+		}
+		return printDryRun(c.Stdout, vmOpts, o.output, plan)
 	}
 	var pr *progress
 	if !o.quiet {
@@ -154,6 +219,11 @@ func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) er
 	}
 	if pr != nil {
 		opts.Progress = pr
+	}
+	if !o.noBootloader {
+		vmLog := logWriter(log, pr)
+		vmOpts.Log = vmLog
+		opts.Bootloader = bootloaderHook(vmOpts, vmLog)
 	}
 	res, err := imagebuild.Build(ctx, opts)
 	if pr != nil {

@@ -1,0 +1,181 @@
+package vm
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// IsGuest reports whether this process is the VM stage's /init: PID 1 with
+// the guest configuration beside it.
+func IsGuest() bool {
+	if os.Getpid() != 1 {
+		return false
+	}
+	_, err := os.Stat("/" + guestConfigPath)
+	return err == nil
+}
+
+// GuestMain is the VM stage's /init. It never returns: it powers the VM off
+// after printing the exit status of switch-to-configuration, or an error, as
+// a marker line on the console.
+func GuestMain() {
+	fmt.Println(markerStart)
+	code, err := guest()
+	if err != nil {
+		fmt.Printf("%s %v\n", markerError, err)
+	} else {
+		fmt.Printf("%s %d\n", markerExit, code)
+	}
+	unix.Sync()
+	for {
+		unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+		time.Sleep(time.Second)
+	}
+}
+
+const target = "/mnt"
+
+func guest() (code int, err error) {
+	b, err := os.ReadFile("/" + guestConfigPath)
+	if err != nil {
+		return 0, err
+	}
+	var cfg GuestConfig
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return 0, fmt.Errorf("%s: %w", guestConfigPath, err)
+	}
+	for _, m := range []struct{ src, dst, fs string }{
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+		{"devtmpfs", "/dev", "devtmpfs"},
+	} {
+		if err := unix.Mount(m.src, m.dst, m.fs, unix.MS_NOSUID|unix.MS_NOEXEC, ""); err != nil {
+			return 0, fmt.Errorf("mount %s on %s: %w", m.fs, m.dst, err)
+		}
+	}
+	for _, m := range cfg.Modules {
+		if err := loadModule("/lib/modules/" + m); err != nil {
+			return 0, err
+		}
+	}
+	if err := waitFor(cfg.Root, 20*time.Second); err != nil {
+		return 0, err
+	}
+	// noatime: reading the store must not write access times into the image.
+	if err := unix.Mount(cfg.Root, target, "ext4", unix.MS_NOATIME, ""); err != nil {
+		return 0, fmt.Errorf("mount the root file system %s: %w", cfg.Root, err)
+	}
+	var mounted []string
+	defer func() {
+		for i := len(mounted) - 1; i >= 0; i-- {
+			if uerr := unmount(mounted[i]); uerr != nil && err == nil {
+				err = uerr
+			}
+		}
+		if uerr := unmount(target); uerr != nil && err == nil {
+			err = uerr
+		}
+	}()
+	if cfg.ESP != "" {
+		if err := waitFor(cfg.ESP, 5*time.Second); err != nil {
+			return 0, err
+		}
+		dir := target + "/boot"
+		if err := mkdirIfMissing(dir); err != nil {
+			return 0, err
+		}
+		// utf8,shortname=mixed as NixOS mounts /boot? The kernel's defaults,
+		// with the timezone pinned so FAT times follow the RTC.
+		if err := unix.Mount(cfg.ESP, dir, "vfat", unix.MS_NOATIME, "tz=UTC"); err != nil {
+			return 0, fmt.Errorf("mount the ESP %s on /boot: %w", cfg.ESP, err)
+		}
+		mounted = append(mounted, dir)
+	}
+	for _, d := range []string{"/dev", "/proc", "/sys"} {
+		dst := target + d
+		if err := mkdirIfMissing(dst); err != nil {
+			return 0, err
+		}
+		if err := unix.Mount(d, dst, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+			return 0, fmt.Errorf("bind %s: %w", d, err)
+		}
+		mounted = append(mounted, dst)
+	}
+	if len(cfg.Command) == 0 {
+		return 0, errors.New("BUG: no command")
+	}
+	cmd := exec.Command(cfg.Command[0], cfg.Command[1:]...)
+	cmd.Path = cfg.Command[0] // resolved in the chroot, not here
+	cmd.Env = cfg.Env
+	cmd.Dir = "/"
+	cmd.Stdin = nil
+	cmd.Stdout = os.Stdout
+	cmd.Stderr = os.Stdout // one stream keeps the order on the console
+	cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: target}
+	err = cmd.Run()
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+	case errors.As(err, &ee):
+		code = ee.ExitCode()
+		if code < 0 {
+			code = 128 + int(ee.Sys().(syscall.WaitStatus).Signal())
+		}
+		err = nil
+	default:
+		return 0, fmt.Errorf("run %s in the image: %w", cfg.Command[0], err)
+	}
+	unix.Sync()
+	return code, nil
+}
+
+func loadModule(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("load module %s: %w", filepath.Base(path), err)
+	}
+	return nil
+}
+
+func waitFor(dev string, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for {
+		if _, err := os.Stat(dev); err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s did not appear within %s", dev, d)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func mkdirIfMissing(dir string) error {
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	return nil
+}
+
+func unmount(dir string) error {
+	var err error
+	for range 50 {
+		if err = unix.Unmount(dir, 0); err == nil || errors.Is(err, unix.EINVAL) {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("unmount %s: %w", dir, err)
+}

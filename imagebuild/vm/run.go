@@ -1,0 +1,173 @@
+package vm
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// outcome is what one boot reported.
+type outcome struct {
+	started bool   // the start marker arrived
+	exit    int    // valid when exited
+	exited  bool   // the exit marker arrived
+	errMsg  string // the error marker's message
+	tail    []string
+}
+
+// tailLines is how much guest output an error carries.
+const tailLines = 40
+
+// boot runs QEMU once. probe > 0 kills it when the start marker has not
+// arrived after probe (errProbe). Guest output goes to log, prefixed.
+func boot(ctx context.Context, argv []string, log io.Writer, timeout, probe time.Duration) (*outcome, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	pr, pw := io.Pipe()
+	cmd.Stdout = pw
+	cmd.Stderr = pw
+	cmd.Stdin = nil
+	cmd.WaitDelay = 5 * time.Second
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("vm: start %s: %w", argv[0], err)
+	}
+	out := &outcome{}
+	var mu sync.Mutex
+	startedCh := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		sc := bufio.NewScanner(pr)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			line := strings.TrimRight(sc.Text(), "\r")
+			line = stripControl(line)
+			mu.Lock()
+			switch {
+			case strings.Contains(line, markerStart):
+				if !out.started {
+					out.started = true
+					close(startedCh)
+				}
+			case strings.Contains(line, markerExit):
+				v := strings.TrimSpace(line[strings.Index(line, markerExit)+len(markerExit):])
+				if n, err := strconv.Atoi(v); err == nil {
+					out.exit, out.exited = n, true
+				}
+			case strings.Contains(line, markerError):
+				out.errMsg = strings.TrimSpace(line[strings.Index(line, markerError)+len(markerError):])
+			default:
+				if strings.TrimSpace(line) != "" {
+					out.tail = append(out.tail, line)
+					if len(out.tail) > tailLines {
+						out.tail = out.tail[1:]
+					}
+					if log != nil {
+						fmt.Fprintf(log, "guest: %s\n", line)
+					}
+				}
+			}
+			mu.Unlock()
+		}
+		io.Copy(io.Discard, pr)
+	}()
+	waitErr := make(chan error, 1)
+	go func() {
+		err := cmd.Wait()
+		pw.Close()
+		waitErr <- err
+	}()
+
+	var probeC <-chan time.Time
+	if probe > 0 {
+		t := time.NewTimer(probe)
+		defer t.Stop()
+		probeC = t.C
+	}
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	var reason error
+	var err error
+loop:
+	for {
+		select {
+		case err = <-waitErr:
+			break loop
+		case <-startedCh:
+			startedCh = nil
+			probeC = nil
+		case <-probeC:
+			reason = errProbe
+			cancel()
+			probeC = nil
+		case <-timer.C:
+			reason = ErrTimeout
+			cancel()
+		case <-ctx.Done():
+			if reason == nil {
+				reason = ctx.Err()
+			}
+		}
+	}
+	<-done
+	mu.Lock()
+	defer mu.Unlock()
+	if reason != nil {
+		return out, reason
+	}
+	if err != nil && !out.exited && out.errMsg == "" {
+		return out, fmt.Errorf("vm: %s: %w", argv[0], err)
+	}
+	return out, nil
+}
+
+var errProbe = errors.New("vm: KVM probe: no sign of the guest")
+
+// stripControl removes terminal escape sequences (SeaBIOS and the kernel
+// print some) so that prefixed lines stay readable.
+func stripControl(s string) string {
+	if !strings.ContainsAny(s, "\x1b\x00\x07\x08") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c == 0x1b {
+			// CSI: ESC [ params final
+			if i+1 < len(s) && s[i+1] == '[' {
+				j := i + 2
+				for j < len(s) && (s[j] < 0x40 || s[j] > 0x7e) {
+					j++
+				}
+				i = j
+				continue
+			}
+			i++
+			continue
+		}
+		if c < 0x20 && c != '\t' {
+			continue
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
+}
+
+// kvmUsable reports whether /dev/kvm can be opened for reading and writing.
+func kvmUsable() bool {
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	f.Close()
+	return true
+}
