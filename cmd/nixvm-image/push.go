@@ -121,7 +121,7 @@ func (o *remoteOptions) remoteSession(ctx context.Context, host string, f func(c
 				return fmt.Errorf("%s: ssh failed (exit 255): %s\ncommand: %s", host, msg, strings.Join(argv, " "))
 			}
 		}
-		if msg != "" {
+		if msg != "" && !errors.Is(ferr, push.ErrRemote) {
 			return fmt.Errorf("%s: %w\nremote stderr: %s", host, ferr, msg)
 		}
 	}

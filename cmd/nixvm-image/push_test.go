@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -103,15 +104,63 @@ StrictModes no
 	}
 }
 
+var (
+	selfOnce sync.Once
+	selfBin  string
+	selfErr  error
+)
+
+// buildSelf builds the nixvm-image binary once per test process: the
+// "host" runs it as its serve command.
 func buildSelf(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "nixvm-image")
-	cmd := exec.Command("go", "build", "-o", bin, ".")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v: %s", err, out)
+	selfOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "nixvm-image-bin")
+		if err != nil {
+			selfErr = err
+			return
+		}
+		selfBin = filepath.Join(dir, "nixvm-image")
+		cmd := exec.Command("go", "build", "-o", selfBin, ".")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			selfErr = fmt.Errorf("go build: %v: %s", err, out)
+		}
+	})
+	if selfErr != nil {
+		t.Fatal(selfErr)
 	}
-	return bin
+	return selfBin
+}
+
+// TestPushLocalSubprocess runs the host half as a local subprocess through
+// a stand-in for ssh, then lists the store with and without a host.
+func TestPushLocalSubprocess(t *testing.T) {
+	bin := buildSelf(t)
+	dir := t.TempDir()
+	fake := filepath.Join(dir, "fake-ssh")
+	// Run the command locally, with a store per host: --store-dir comes last.
+	os.WriteFile(fake, []byte("#!/bin/sh\nh=$1\nshift\nexec sh -c \"$1/$h\"\n"), 0o755)
+	img := filepath.Join(dir, "a.raw")
+	data := make([]byte, 2<<20)
+	rand.New(rand.NewSource(5)).Read(data[1<<20:])
+	os.WriteFile(img, data, 0o644)
+	store := filepath.Join(dir, "store")
+	remote := []string{"--ssh-command", fake, "--remote-command", bin, "--store-dir", store}
+	code, out, errs := cli(t, append([]string{"push", "athens", "rome", "--image", img, "--name", "baseline", "-q"}, remote...)...)
+	if code != 0 || strings.Count(out, " sent ") != 2 {
+		t.Fatalf("push to two hosts: exit %d\n%s%s", code, out, errs)
+	}
+	for _, args := range [][]string{{"images", "--store-dir", filepath.Join(store, "rome")}, append([]string{"images", "athens"}, remote...)} {
+		code, out, errs = cli(t, args...)
+		if code != 0 || strings.Count(out, "\nbaseline ") != 1 || !strings.Contains(out, " * ") {
+			t.Errorf("%s: exit %d\n%s%s", strings.Join(args, " "), code, out, errs)
+		}
+	}
+	code, _, errs = cli(t, "push", "athens", "--image", img, "--name", "../etc")
+	if code != 2 || !strings.Contains(errs, "--name") {
+		t.Errorf("bad --name: exit %d, want 2\n%s", code, errs)
+	}
 }
 
 // fixture writes a qcow2 (compressed, as the builder writes them) of data.
