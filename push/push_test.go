@@ -479,3 +479,51 @@ func TestSourceManifest(t *testing.T) {
 		t.Fatalf("current exists after a failed push: %v", err)
 	}
 }
+
+// TestHelperServe is the host half run as a subprocess by TestResumeAfterHostKilled.
+func TestHelperServe(t *testing.T) {
+	dir := os.Getenv("NIXVM_PUSH_HELPER_STORE")
+	if dir == "" {
+		t.Skip("helper process only")
+	}
+	if err := Serve(context.Background(), duplex{os.Stdin, os.Stdout}, &Store{Dir: dir}); err != nil {
+		os.Exit(3)
+	}
+	os.Exit(0)
+}
+
+// TestResumeAfterHostKilled kills the host process mid-stream (SIGKILL: no
+// chance to save anything then), so the resume point is the last checkpoint
+// the sender asked for.
+func TestResumeAfterHostKilled(t *testing.T) {
+	store := &Store{Dir: t.TempDir()}
+	gen1 := testImage(1, imgSize)
+	push(t, store, gen1, Options{})
+	cur1 := checkCurrent(t, store, "baseline", gen1)
+	gen2 := bytes.Clone(gen1)
+	rand.New(rand.NewSource(9)).Read(gen2[1<<20 : 7<<20]) // 6 MiB new
+
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperServe$")
+	cmd.Env = append(os.Environ(), "NIXVM_PUSH_HELPER_STORE="+store.Dir)
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	cw := &cutWriter{w: stdin, left: 4 << 20, onCut: func() { cmd.Process.Kill() }}
+	_, err := Push(context.Background(), duplex{stdout, cw}, source(t, gen2), Options{Name: "baseline", CheckpointBytes: 1 << 20})
+	if err == nil {
+		t.Fatal("push to a killed host succeeded")
+	}
+	cmd.Wait()
+	if got := checkCurrent(t, store, "baseline", gen1); got != cur1 {
+		t.Fatalf("current moved to %s", got)
+	}
+	st := push(t, store, gen2, Options{})
+	checkCurrent(t, store, "baseline", gen2)
+	t.Logf("killed after 4 MiB sent: resumed at block %d, sent %d more", st.ResumedAt, st.Sent)
+	// 4 MiB of random literals reach block 256+~1000; checkpoints every 1 MiB of image.
+	if st.ResumedAt < 512 || st.ResumedAt > 1300 {
+		t.Errorf("resumed at block %d, want a checkpoint between 512 and 1300", st.ResumedAt)
+	}
+}
