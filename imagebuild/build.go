@@ -206,11 +206,23 @@ func (b *builder) run() (*Result, error) {
 
 	// 2. Plan sizes. The database is written after the store (it needs the
 	// NAR hashes); budget generously for it.
-	dbBytes := int64(len(c.Paths))*1024 + 256<<10
-	usage := ext4.Usage{
-		Inodes: s.inodes + 32,
-		Blocks: s.blocks + blocksFor(dbBytes) + 16,
+	planner := ext4.NewPlanner(b.ext4Options(0))
+	for _, d := range b.skeleton() {
+		planner.Add(d)
 	}
+	for i, p := range c.Paths {
+		walkHeaders(b.trees[i], p.Path, func(_ *node, _ string, hdr *ext4.Header) error {
+			planner.Add(hdr)
+			return nil
+		})
+	}
+	// The database is written after the store (it needs the NAR hashes):
+	// budget generously for it, and a little for the files outside the
+	// store.
+	dbBytes := int64(len(c.Paths))*2048 + 256<<10
+	usage := planner.Usage()
+	usage.Inodes += 32
+	usage.Blocks += blocksFor(dbBytes) + 32
 	minFS := ext4.MinSize(usage)
 	rootSize := minFS + minFS/10 + headroom
 	plan, err := partition.NewPlan(o.Layout, rootSize, o.ESPSize)
@@ -359,29 +371,21 @@ func syncDir(dir string) {
 	}
 }
 
-// writeRoot writes the root file system into its partition.
-func (b *builder) writeRoot(raw *os.File, plan *partition.Plan) error {
-	o := &b.opts
-	c := o.Closure
+// ext4Options are the root file system's options; identifiers derive from
+// the toplevel, times from the epoch.
+func (b *builder) ext4Options(size int64) ext4.Options {
 	var uuid, hashSeed [16]byte
 	copy(uuid[:], b.seed("ext4 uuid"))
 	copy(hashSeed[:], b.seed("ext4 hash seed"))
 	uuid[6] = uuid[6]&0x0f | 0x40
 	uuid[8] = uuid[8]&0x3f | 0x80
-	w, err := ext4.NewWriter(io.NewOffsetWriter(raw, plan.Root.Start), ext4.Options{
-		Size:     plan.Root.Size,
-		Label:    "nixos",
-		UUID:     uuid,
-		HashSeed: hashSeed,
-		Time:     o.Epoch,
-	})
-	if err != nil {
-		return err
-	}
-	epoch := o.Epoch
-	dir := func(name string, mode, gid uint32) error {
-		return w.WriteHeader(&ext4.Header{Name: name, Type: ext4.TypeDir, Mode: mode, Gid: gid, Mtime: epoch})
-	}
+	return ext4.Options{Size: size, Label: "nixos", UUID: uuid, HashSeed: hashSeed, Time: b.opts.Epoch}
+}
+
+// skeleton lists the directories outside the store paths: the first three
+// come before the store, the rest after it.
+func (b *builder) skeleton() []*ext4.Header {
+	var hs []*ext4.Header
 	for _, d := range []struct {
 		name      string
 		mode, gid uint32
@@ -389,8 +393,30 @@ func (b *builder) writeRoot(raw *os.File, plan *partition.Plan) error {
 		{".", 0o755, 0},
 		{"nix", 0o755, 0},
 		{"nix/store", 0o1775, 30000}, // root:nixbld, as Nix makes it
+		{"nix/var", 0o755, 0},
+		{"nix/var/nix", 0o755, 0},
+		{"nix/var/nix/db", 0o755, 0},
+		{"nix/var/nix/profiles", 0o755, 0},
+		{"nix/var/nix/gcroots", 0o755, 0},
+		{"etc", 0o755, 0},
+		{"bin", 0o755, 0},
 	} {
-		if err := dir(d.name, d.mode, d.gid); err != nil {
+		hs = append(hs, &ext4.Header{Name: d.name, Type: ext4.TypeDir, Mode: d.mode, Gid: d.gid, Mtime: b.opts.Epoch})
+	}
+	return hs
+}
+
+// writeRoot writes the root file system into its partition.
+func (b *builder) writeRoot(raw *os.File, plan *partition.Plan) error {
+	o := &b.opts
+	c := o.Closure
+	w, err := ext4.NewWriter(io.NewOffsetWriter(raw, plan.Root.Start), b.ext4Options(plan.Root.Size))
+	if err != nil {
+		return err
+	}
+	epoch := o.Epoch
+	for _, h := range b.skeleton()[:3] {
+		if err := w.WriteHeader(h); err != nil {
 			return err
 		}
 	}
@@ -430,8 +456,8 @@ func (b *builder) writeRoot(raw *os.File, plan *partition.Plan) error {
 	if err != nil {
 		return err
 	}
-	for _, d := range []string{"nix/var", "nix/var/nix", "nix/var/nix/db", "nix/var/nix/profiles", "nix/var/nix/gcroots", "etc", "bin"} {
-		if err := dir(d, 0o755, 0); err != nil {
+	for _, h := range b.skeleton()[3:] {
+		if err := w.WriteHeader(h); err != nil {
 			return err
 		}
 	}
@@ -498,41 +524,56 @@ func (b *builder) inClosure(p string) bool {
 	return b.opts.Closure.Lookup(top) != nil
 }
 
-// writeStorePath streams one store path into the file system and its NAR
-// hasher, returning the NAR hash ("sha256:<nix32>") and size.
-func (b *builder) writeStorePath(w *ext4.Writer, storePath string, tree *node, buf []byte) (string, uint64, error) {
-	nh := nixclosure.NewNarHasher()
+// walkHeaders calls fn with the ext4 header of every entry of the store path
+// at storePath, in NAR order: canonical store ownership, modes and mtime,
+// and hard links (nix-store --optimise) pointing at their first occurrence.
+func walkHeaders(tree *node, storePath string, fn func(n *node, rel string, hdr *ext4.Header) error) error {
 	imgRoot := strings.TrimPrefix(storePath, "/")
-	err := walk(tree, "", func(n *node, rel string) error {
+	return walk(tree, "", func(n *node, rel string) error {
 		img := imgRoot
 		if rel != "" {
 			img += "/" + rel
 		}
-		src := storePath
-		if rel != "" {
-			src += "/" + rel
-		}
-		nhdr := &nixclosure.NarHeader{Path: rel}
 		hdr := &ext4.Header{Name: img, Mtime: 1}
 		switch n.kind {
 		case kindDir:
-			nhdr.Type = nixclosure.NarDirectory
 			hdr.Type, hdr.Mode = ext4.TypeDir, 0o555
 		case kindSymlink:
-			nhdr.Type, nhdr.Linkname = nixclosure.NarSymlink, n.target
 			hdr.Type, hdr.Mode, hdr.Linkname = ext4.TypeSymlink, 0o777, n.target
 		case kindReg:
-			nhdr.Type, nhdr.Executable, nhdr.Size = nixclosure.NarRegular, n.exec, n.size
 			hdr.Type, hdr.Mode, hdr.Size = ext4.TypeReg, 0o444, n.size
 			if n.exec {
 				hdr.Mode = 0o555
 			}
 			if n.first != nil {
-				hdr.Type, hdr.Linkname, hdr.Size = ext4.TypeLink, n.first.imgPath, 0
-				nhdr.Executable, nhdr.Size = n.first.exec, n.first.size
-			} else {
-				n.imgPath = img
+				hdr.Type, hdr.Linkname, hdr.Size = ext4.TypeLink, imagePath(n.first), 0
 			}
+		}
+		return fn(n, rel, hdr)
+	})
+}
+
+// writeStorePath streams one store path into the file system and its NAR
+// hasher, returning the NAR hash ("sha256:<nix32>") and size.
+func (b *builder) writeStorePath(w *ext4.Writer, storePath string, tree *node, buf []byte) (string, uint64, error) {
+	nh := nixclosure.NewNarHasher()
+	err := walkHeaders(tree, storePath, func(n *node, rel string, hdr *ext4.Header) error {
+		src := storePath
+		if rel != "" {
+			src += "/" + rel
+		}
+		nhdr := &nixclosure.NarHeader{Path: rel}
+		switch n.kind {
+		case kindDir:
+			nhdr.Type = nixclosure.NarDirectory
+		case kindSymlink:
+			nhdr.Type, nhdr.Linkname = nixclosure.NarSymlink, n.target
+		case kindReg:
+			owner := n
+			if n.first != nil {
+				owner = n.first
+			}
+			nhdr.Type, nhdr.Executable, nhdr.Size = nixclosure.NarRegular, owner.exec, owner.size
 		}
 		if err := nh.WriteHeader(nhdr); err != nil {
 			return fmt.Errorf("BUG: NAR order: %w", err)

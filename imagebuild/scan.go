@@ -8,6 +8,7 @@ import (
 	"path"
 	"path/filepath"
 	"sort"
+	"strings"
 	"syscall"
 )
 
@@ -32,20 +33,27 @@ type node struct {
 	target   string  // symlink target
 	children []*node // sorted by name, byte-wise (NAR order)
 	first    *node   // for a hard link: the node that owns the inode
-	imgPath  string  // set for inode owners, when written
+	parent   *node   // nil for a store path's root
+	storeDir string  // a store path's root: its path
+}
+
+// imagePath is the path of n in the image, relative to the root.
+func imagePath(n *node) string {
+	if n.parent == nil {
+		return strings.TrimPrefix(n.storeDir, "/")
+	}
+	return imagePath(n.parent) + "/" + n.name
 }
 
 type inodeKey struct{ dev, ino uint64 }
 
-// scanner walks store paths with lstat and readdir only, counting what the
-// ext4 writer will need. File contents are read later, once, while they
-// stream into the image.
+// scanner walks store paths with lstat and readdir only; the ext4 Planner
+// sizes the image from what it found. File contents are read later, once,
+// while they stream into the image.
 type scanner struct {
-	links  map[inodeKey]*node
-	inodes uint64 // ext4 inodes: unique files, dirs, symlinks
-	blocks uint64 // 4 KiB blocks: file data, slow symlinks, directories
-	bytes  int64  // regular file bytes, each inode once
-	files  uint64
+	links map[inodeKey]*node
+	bytes int64 // regular file bytes, each inode once
+	files uint64
 }
 
 func newScanner() *scanner { return &scanner{links: map[inodeKey]*node{}} }
@@ -60,7 +68,11 @@ func (s *scanner) scan(src string) (*node, error) {
 	if err != nil {
 		return nil, err
 	}
-	return s.scanInfo(src, "", fi)
+	n, err := s.scanInfo(src, "", fi)
+	if n != nil {
+		n.storeDir = src
+	}
+	return n, err
 }
 
 func (s *scanner) scanInfo(src, name string, fi fs.FileInfo) (*node, error) {
@@ -78,12 +90,8 @@ func (s *scanner) scanInfo(src, name string, fi fs.FileInfo) (*node, error) {
 			}
 			s.links[k] = n
 		}
-		s.inodes++
 		s.files++
 		s.bytes += n.size
-		s.blocks += blocksFor(n.size)
-		// Files past four 128 MiB extents need an extent tree block.
-		s.blocks += uint64(n.size / (512 << 20))
 	case m&fs.ModeSymlink != 0:
 		n.kind = kindSymlink
 		t, err := os.Readlink(src)
@@ -91,13 +99,8 @@ func (s *scanner) scanInfo(src, name string, fi fs.FileInfo) (*node, error) {
 			return nil, err
 		}
 		n.target = t
-		s.inodes++
-		if len(t) >= 60 {
-			s.blocks++
-		}
 	case m.IsDir():
 		n.kind = kindDir
-		s.inodes++
 		f, err := os.Open(src)
 		if err != nil {
 			return nil, err
@@ -108,30 +111,18 @@ func (s *scanner) scanInfo(src, name string, fi fs.FileInfo) (*node, error) {
 			return nil, fmt.Errorf("read directory %s: %w", src, err)
 		}
 		sort.Slice(ents, func(i, j int) bool { return ents[i].Name() < ents[j].Name() })
-		var dirBytes uint64 = 24 // "." and ".."
 		for _, e := range ents {
 			c, err := s.scanInfo(filepath.Join(src, e.Name()), e.Name(), e)
 			if err != nil {
 				return nil, err
 			}
+			c.parent = n
 			n.children = append(n.children, c)
-			dirBytes += uint64(8+len(e.Name())+3) &^ 3
 		}
-		s.blocks += dirBlocks(dirBytes)
 	default:
 		return nil, fmt.Errorf("%w: %s is a %s; Nix store paths hold only regular files, directories and symlinks, so rebuild the path without it", ErrUnsupportedFile, src, describeMode(fi.Mode()))
 	}
 	return n, nil
-}
-
-// dirBlocks estimates the blocks of a directory with the given entry bytes,
-// generously: leaf blocks are at most ~3/4 full after an htree split, plus
-// the index root.
-func dirBlocks(entryBytes uint64) uint64 {
-	if entryBytes <= blockSize-12 {
-		return 1
-	}
-	return entryBytes/(blockSize*3/4) + 2
 }
 
 func describeMode(m fs.FileMode) string {
