@@ -516,8 +516,19 @@ func TestCrashSafety(t *testing.T) {
 				t.Fatalf("%s cut after %d writes: got %v, want the power cut", label, cut, err)
 			}
 			// The interrupted disk still has a table sfdisk reads, with the
-			// partition either old or grown.
+			// partition either old or grown, and for GPT a valid primary
+			// header and entry array: the Linux kernel reads nothing else.
 			sfdiskPart(t, d.path, 1)
+			if label == "gpt" {
+				f, err := os.Open(d.path)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, _, err := readGPT(f, 512, 1); err != nil {
+					t.Errorf("gpt cut after %d writes: primary GPT invalid: %v", cut, err)
+				}
+				f.Close()
+			}
 			out.Reset()
 			if _, err := Run(d.options(t), &out); err != nil {
 				t.Fatalf("%s cut after %d writes: rerun: %v\n%s", label, cut, err, out.String())

@@ -270,9 +270,18 @@ func planGPT(d io.ReaderAt, ss int, diskSectors uint64, pno int, pmbr []byte) (*
 		newEnd = aligned - 1
 	}
 	note := fmt.Sprintf("to the last 1 MiB boundary before the backup GPT (last usable LBA %d)", lastUsable)
+	entryLBA := h.entryLBA
+	if perr == nil && entryLBA >= h.firstUsable {
+		// Left so by a run cut between steps 2 and 4 of applyGPT.
+		entryLBA = 2
+		fixes = append(fixes, fmt.Sprintf("primary GPT header points at the entry array at LBA %d: moving it back to LBA 2", h.entryLBA))
+	}
+	if entryLBA+entrySectors > h.firstUsable {
+		return nil, fmt.Errorf("%w: primary GPT entries at LBA %d-%d overlap the first usable LBA %d", ErrCorruptTable, entryLBA, entryLBA+entrySectors-1, h.firstUsable)
+	}
 	p := &plan{
 		table: "gpt", pno: pno, start: start, oldEnd: end, newEnd: newEnd, note: note,
-		ss: ss, diskSectors: diskSectors, gptHdr: h.raw, gptEntries: ents, entrySize: es, entryLBA: h.entryLBA,
+		ss: ss, diskSectors: diskSectors, gptHdr: h.raw, gptEntries: ents, entrySize: es, entryLBA: entryLBA,
 		tableFixes: fixes,
 	}
 	if end > lastUsable {
@@ -307,23 +316,27 @@ func (p *plan) gptHeaderFor(my, alt, entryLBA, lastUsable uint64, entriesCRC uin
 	return b
 }
 
-// applyGPT writes the grown table. The order is what makes a power cut at
-// any point recoverable by the next run:
+// applyGPT writes the grown table. The order makes a power cut at any point
+// harmless: after every single-sector write the primary GPT (the only one the
+// Linux kernel reads, unless booted with "gpt": block/partitions/efi.c
+// find_valid_gpt) is valid, and the next run finishes the job.
 //
 //  1. Backup entries, then backup header, at the new end of the disk; sync.
-//     Until the primary changes, every reader (kernel, sgdisk, us) follows
-//     the valid primary, whose alternate-LBA still names the old backup at
-//     the old end, which is intact: the disk reads as before, and the next
-//     run starts over.
-//  2. Primary entries, then primary header; sync. A cut between the two
-//     leaves a primary whose entry CRC fails; readers then take the header at
-//     the disk's last LBA, which step 1 made complete and valid (the kernel's
-//     efi.c and sgdisk do; planGPT does too and rewrites the primary from it).
-//  3. The protective MBR's size; sync. It is only a hint for MBR-only tools;
+//     The primary is untouched and still names the old backup at the old
+//     end, which is intact too.
+//  2. Primary header pointing at the entry array written in step 1 (one
+//     sector, so it is either the old or the new header, both valid); sync.
+//  3. Primary entries at their usual place (LBA 2), which no valid header
+//     references during the write; sync.
+//  4. Primary header pointing at LBA 2 again; sync. If this is cut, the
+//     header of step 2 is still valid; planGPT sees its entry array past
+//     the first usable LBA and redoes steps 3 and 4.
+//  5. The protective MBR's size; sync. It is only a hint for MBR-only tools;
 //     if it is missed, the next run sees a full GPT and fixes just this.
 //
 // Only then is the kernel told (BLKPG) and the file system grown, so the old
-// backup area becomes data only after the new table is durable.
+// backup area becomes data only after the new table is durable. A header is
+// one sector; disks write a sector atomically.
 func (p *plan) applyGPT(d Device, say func(string, ...any)) error {
 	ss := uint64(p.ss)
 	last := p.diskSectors - 1
@@ -348,6 +361,7 @@ func (p *plan) applyGPT(d Device, say func(string, ...any)) error {
 		}
 		return nil
 	}
+	// 1.
 	if err := write("backup GPT entries", padded, backupEntryLBA); err != nil {
 		return err
 	}
@@ -358,9 +372,21 @@ func (p *plan) applyGPT(d Device, say func(string, ...any)) error {
 		return err
 	}
 	say("gpt: wrote backup table at LBA %d-%d", backupEntryLBA, last)
+	// 2.
+	if err := write("primary GPT header (interim)", p.gptHeaderFor(1, last, backupEntryLBA, lastUsable, crc), 1); err != nil {
+		return err
+	}
+	if err := sync("interim primary GPT header"); err != nil {
+		return err
+	}
+	// 3.
 	if err := write("primary GPT entries", padded, p.entryLBA); err != nil {
 		return err
 	}
+	if err := sync("primary GPT entries"); err != nil {
+		return err
+	}
+	// 4.
 	if err := write("primary GPT header", p.gptHeaderFor(1, last, p.entryLBA, lastUsable, crc), 1); err != nil {
 		return err
 	}
