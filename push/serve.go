@@ -128,7 +128,7 @@ func (s *session) push(ctx context.Context, h *hello) error {
 	}
 	r := &reply{Version: Version, Gens: gens}
 	for _, g := range gens {
-		if g.Digest == h.Digest {
+		if g.Digest == h.Digest && g.VirtualSize == h.VirtualSize { // the digest does not cover the size
 			r.Have = true
 		}
 	}
