@@ -641,11 +641,17 @@ type writerAt interface {
 
 // copySparse feeds the data regions of src to every sink in ascending
 // order, skipping holes (SEEK_DATA/SEEK_HOLE), so a mostly empty disk costs
-// only its data.
+// only its data. Progress counts the virtual disk, holes included.
 func copySparse(ctx context.Context, src *os.File, size int64, sinks []writerAt, pr Progress) error {
 	const seekData, seekHole = 3, 4
 	buf := make([]byte, 4<<20)
-	var off int64
+	var off, reported int64
+	report := func(pos int64) {
+		if pr != nil && pos > reported {
+			pr.Add(pos - reported)
+			reported = pos
+		}
+	}
 	for off < size {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -669,22 +675,19 @@ func copySparse(ctx context.Context, src *os.File, size int64, sinks []writerAt,
 			if _, err := src.ReadAt(buf[:n], pos); err != nil && err != io.EOF {
 				return fmt.Errorf("read raw disk: %w", err)
 			}
-			if isZero(buf[:n]) {
-				pos += int64(n)
-				continue
-			}
-			for _, s := range sinks {
-				if _, err := s.WriteAt(buf[:n], pos); err != nil {
-					return err
+			if !isZero(buf[:n]) {
+				for _, s := range sinks {
+					if _, err := s.WriteAt(buf[:n], pos); err != nil {
+						return err
+					}
 				}
 			}
 			pos += int64(n)
-			if pr != nil {
-				pr.Add(int64(n))
-			}
+			report(pos)
 		}
 		off = hole
 	}
+	report(size)
 	return nil
 }
 
