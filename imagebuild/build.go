@@ -588,7 +588,7 @@ func (b *builder) writeStorePath(w *ext4.Writer, storePath string, tree *node, b
 		if n.first == nil {
 			dst = io.MultiWriter(w, nh)
 		}
-		return b.copyFile(dst, src, nhdr.Size, buf)
+		return b.copyFile(dst, src, nhdr.Size, buf, n.first == nil)
 	})
 	if err != nil {
 		return "", 0, err
@@ -600,7 +600,9 @@ func (b *builder) writeStorePath(w *ext4.Writer, storePath string, tree *node, b
 	return hash, size, nil
 }
 
-func (b *builder) copyFile(dst io.Writer, src string, size int64, buf []byte) error {
+// copyFile copies size bytes of src to dst; counted says whether they count
+// as progress (a hard link's bytes only feed its NAR hash).
+func (b *builder) copyFile(dst io.Writer, src string, size int64, buf []byte, counted bool) error {
 	f, err := os.Open(src)
 	if err != nil {
 		return err
@@ -614,7 +616,7 @@ func (b *builder) copyFile(dst io.Writer, src string, size int64, buf []byte) er
 				return fmt.Errorf("write %s: %w", src, werr)
 			}
 			done += int64(n)
-			if b.opts.Progress != nil {
+			if counted && b.opts.Progress != nil {
 				b.opts.Progress.Add(int64(n))
 			}
 		}
