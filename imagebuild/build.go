@@ -148,6 +148,7 @@ type builder struct {
 	temps []string // removed at the end, renamed ones are gone by then
 	trees []*node
 	scan  *scanner
+	bufs  chan []byte // file data buffers, shared with the NAR hashers
 }
 
 func (b *builder) logf(format string, args ...any) {
@@ -423,13 +424,13 @@ func (b *builder) writeRoot(raw *os.File, plan *partition.Plan) error {
 	if o.Progress != nil {
 		o.Progress.Phase("write store", b.scan.bytes)
 	}
-	buf := make([]byte, 1<<20)
+	b.bufs = newBufferPool(8, 1<<20)
 	dbPaths := make([]nixdb.Path, 0, len(c.Paths))
 	for i, p := range c.Paths {
 		if err := b.ctx.Err(); err != nil {
 			return err
 		}
-		hash, size, err := b.writeStorePath(w, p.Path, b.trees[i], buf)
+		hash, size, err := b.writeStorePath(w, p.Path, b.trees[i])
 		if err != nil {
 			return err
 		}
@@ -555,8 +556,8 @@ func walkHeaders(tree *node, storePath string, fn func(n *node, rel string, hdr 
 
 // writeStorePath streams one store path into the file system and its NAR
 // hasher, returning the NAR hash ("sha256:<nix32>") and size.
-func (b *builder) writeStorePath(w *ext4.Writer, storePath string, tree *node, buf []byte) (string, uint64, error) {
-	nh := nixclosure.NewNarHasher()
+func (b *builder) writeStorePath(w *ext4.Writer, storePath string, tree *node) (string, uint64, error) {
+	nar := newNarPipe(b.bufs)
 	err := walkHeaders(tree, storePath, func(n *node, rel string, hdr *ext4.Header) error {
 		src := storePath
 		if rel != "" {
@@ -575,34 +576,32 @@ func (b *builder) writeStorePath(w *ext4.Writer, storePath string, tree *node, b
 			}
 			nhdr.Type, nhdr.Executable, nhdr.Size = nixclosure.NarRegular, owner.exec, owner.size
 		}
-		if err := nh.WriteHeader(nhdr); err != nil {
-			return fmt.Errorf("BUG: NAR order: %w", err)
-		}
+		nar.header(nhdr)
 		if err := w.WriteHeader(hdr); err != nil {
 			return fmt.Errorf("write %s: %w", src, err)
 		}
 		if n.kind != kindReg {
 			return nil
 		}
-		var dst io.Writer = nh
+		// A hard link's bytes only feed its NAR hash; the image has them.
+		var img io.Writer
 		if n.first == nil {
-			dst = io.MultiWriter(w, nh)
+			img = w
 		}
-		return b.copyFile(dst, src, nhdr.Size, buf, n.first == nil)
+		return b.copyFile(img, nar, src, nhdr.Size)
 	})
+	hash, size, nerr := nar.finish()
 	if err != nil {
 		return "", 0, err
 	}
-	if err := nh.Close(); err != nil {
-		return "", 0, err
+	if nerr != nil {
+		return "", 0, fmt.Errorf("BUG: NAR of %s: %w", storePath, nerr)
 	}
-	hash, size := nh.Sum()
 	return hash, size, nil
 }
 
-// copyFile copies size bytes of src to dst; counted says whether they count
-// as progress (a hard link's bytes only feed its NAR hash).
-func (b *builder) copyFile(dst io.Writer, src string, size int64, buf []byte, counted bool) error {
+// copyFile copies the size bytes of src to img (nil: none) and the NAR pipe.
+func (b *builder) copyFile(img io.Writer, nar *narPipe, src string, size int64) error {
 	f, err := os.Open(src)
 	if err != nil {
 		return err
@@ -610,15 +609,22 @@ func (b *builder) copyFile(dst io.Writer, src string, size int64, buf []byte, co
 	defer f.Close()
 	var done int64
 	for done < size {
+		buf := <-b.bufs
 		n, err := f.Read(buf[:min(int64(len(buf)), size-done)])
-		if n > 0 {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return fmt.Errorf("write %s: %w", src, werr)
+		if n == 0 {
+			b.bufs <- buf
+		} else {
+			if img != nil {
+				if _, werr := img.Write(buf[:n]); werr != nil {
+					b.bufs <- buf
+					return fmt.Errorf("write %s: %w", src, werr)
+				}
+				if b.opts.Progress != nil {
+					b.opts.Progress.Add(int64(n))
+				}
 			}
+			nar.data(buf[:n])
 			done += int64(n)
-			if counted && b.opts.Progress != nil {
-				b.opts.Progress.Add(int64(n))
-			}
 		}
 		if err == io.EOF {
 			break
