@@ -2,6 +2,18 @@
 // (by default "/") to the end of its disk and grows the file system online.
 // A NixOS guest runs it from a oneshot unit at first boot; it is safe to run
 // on every boot. See package resize for what it does and leaves alone.
+//
+// A unit that runs it (the image builder's NixOS module provides one):
+//
+//	[Unit]
+//	DefaultDependencies=no
+//	After=local-fs.target
+//	Before=sysinit.target
+//	ConditionPathIsReadWrite=/
+//	[Service]
+//	Type=oneshot
+//	ExecStart=/run/current-system/sw/bin/nixvm-resize
+//	# online ext4 growth needs CAP_SYS_RESOURCE; BLKPG needs CAP_SYS_ADMIN
 package main
 
 import (

@@ -245,8 +245,14 @@ func TestGuest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	cfg := vmtest.Config{Kernel: kernel, Initrd: initrd, Disks: vmDisks}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("QEMU command (its files are in t.TempDir, removed after the test):\n  %s", vmtest.ShellQuote(vmtest.Cmdline(cfg)))
+		}
+	})
 	t0 := time.Now()
-	out, err := vmtest.Run(context.Background(), vmtest.Config{Kernel: kernel, Initrd: initrd, Disks: vmDisks}, 4*time.Minute)
+	out, err := vmtest.Run(context.Background(), cfg, 4*time.Minute)
 	t.Logf("guest ran %s; serial output:\n%s", time.Since(t0).Round(time.Millisecond), out)
 	if err != nil {
 		t.Fatal(err)
