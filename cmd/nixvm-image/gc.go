@@ -1,0 +1,102 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"text/tabwriter"
+
+	"github.com/nixvm-image/nixvm-image/provision"
+	"github.com/nixvm-image/nixvm-image/push"
+	"github.com/spf13/pflag"
+)
+
+type gcOptions struct {
+	Keep     int
+	DryRun   bool
+	Names    []string
+	Scan     []string
+	Pools    []string
+	Domains  bool
+	StoreDir string
+	Connect  string
+}
+
+func init() {
+	register(&command{
+		name:    "gc",
+		summary: "remove old image generations that no guest disk uses",
+		usage:   "--keep N [--scan DIR]... [--pool POOL]... [--domains] [--dry-run]",
+		help: `Keeps, for each image name (or each --name), the N newest generations
+counting the current one, the current one always, and every generation a
+disk it finds uses: a qcow2 whose backing chain reaches it, or a symlink to
+it (such as the compatibility link /etc/virt/base-images/baseline.qcow2).
+It looks for disks only where it is told: --scan directories (recursively),
+the volumes of --pool libvirt pools, and with --domains every disk of every
+libvirt domain. A disk it is not told about does not protect its base.
+It takes each name's store lock, so it never runs beside a push to it.
+
+Examples:
+  nixvm-image gc --keep 2 --scan /var/lib/libvirt/images --dry-run
+  nixvm-image gc --keep 1 --pool guests --domains --scan /etc/virt/base-images`,
+		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
+			o := &gcOptions{}
+			fs.IntVar(&o.Keep, "keep", -1, "keep this many newest generations per name, the current one included (required)")
+			fs.BoolVarP(&o.DryRun, "dry-run", "n", false, "print what would be removed, remove nothing")
+			fs.StringArrayVar(&o.Names, "name", nil, "only this image name (repeatable; default all)")
+			fs.StringArrayVar(&o.Scan, "scan", nil, "a directory to search for disks and links that use generations (repeatable)")
+			fs.StringArrayVar(&o.Pools, "pool", nil, "a libvirt pool whose volumes to check (repeatable)")
+			fs.BoolVar(&o.Domains, "domains", false, "also check every disk of every libvirt domain")
+			fs.StringVar(&o.StoreDir, "store-dir", push.DefaultStoreDir, "the image store")
+			fs.StringVarP(&o.Connect, "connect", "c", "", "libvirt URI for virsh")
+			return func(ctx context.Context, c Context, args []string) error { return runGC(ctx, o, c, args) }
+		},
+	})
+}
+
+func runGC(ctx context.Context, o *gcOptions, c Context, args []string) error {
+	if len(args) > 0 {
+		return usagef("unexpected arguments %q", args)
+	}
+	if o.Keep < 0 {
+		return usagef("--keep N is required (N >= 0; the current generation is always kept)")
+	}
+	for _, n := range o.Names {
+		if err := push.ValidName(n); err != nil {
+			return usageError{fmt.Errorf("--name: %w", err)}
+		}
+	}
+	opts := provision.GCOptions{Store: &push.Store{Dir: o.StoreDir}, Names: o.Names, Keep: o.Keep,
+		ScanDirs: o.Scan, Pools: o.Pools, Domains: o.Domains, DryRun: o.DryRun}
+	if len(o.Pools) > 0 || o.Domains {
+		if opts.Virsh = findVirsh(o.Connect); opts.Virsh == nil {
+			return fmt.Errorf("--pool and --domains need virsh (libvirt's client), which is not installed here")
+		}
+	}
+	ds, err := provision.GC(ctx, opts)
+	tw := tabwriter.NewWriter(c.Stdout, 0, 4, 2, ' ', 0)
+	var removed, freed int64
+	for _, d := range ds {
+		action, why := "keep", d.Reason
+		if d.Remove {
+			action, why = "remove", ""
+			if o.DryRun {
+				action = "would remove"
+			}
+			removed++
+			freed += d.Gen.VirtualSize
+		} else if len(d.Users) > 0 {
+			why += fmt.Sprintf(" by %s", d.Users[0])
+			if len(d.Users) > 1 {
+				why += fmt.Sprintf(" and %d more", len(d.Users)-1)
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", action, d.Gen.Path, why)
+	}
+	tw.Flush()
+	verb := "removed"
+	if o.DryRun {
+		verb = "would remove"
+	}
+	fmt.Fprintf(c.Stdout, "%s %d of %d generations (%s virtual)\n", verb, removed, len(ds), humanBytes(freed))
+	return err
+}

@@ -1,0 +1,148 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"math/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/push"
+)
+
+type rw struct {
+	io.Reader
+	io.Writer
+}
+
+// storeGen pushes data into the store at dir as a new current generation of
+// name, in-process, and returns its path.
+func storeGen(t *testing.T, dir, name string, data []byte) string {
+	t.Helper()
+	store := &push.Store{Dir: dir}
+	s2hR, s2hW := io.Pipe()
+	h2sR, h2sW := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		err := push.Serve(context.Background(), rw{s2hR, h2sW}, store)
+		h2sW.Close()
+		s2hR.Close()
+		done <- err
+	}()
+	src, err := push.NewSource(bytes.NewReader(data), int64(len(data)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := push.Push(context.Background(), rw{h2sR, s2hW}, src, push.Options{Name: name}); err != nil {
+		t.Fatal(err)
+	}
+	s2hW.Close()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	g, err := store.Current(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return g.Path
+}
+
+func randomDisk(seed int64, size int) []byte {
+	b := make([]byte, size)
+	rand.New(rand.NewSource(seed)).Read(b[:size/2])
+	return b
+}
+
+// TestProvisionCLI runs provision and gc as a user would: a file and an
+// overlay from the store's current image, a second run leaving the disk
+// alone, usage errors with exit 2, and gc --dry-run then gc.
+func TestProvisionCLI(t *testing.T) {
+	qemuImg := testutil.NeedTool(t, "qemu-img")[0]
+	dir := t.TempDir()
+	store := filepath.Join(dir, "images")
+	g1 := storeGen(t, store, "baseline", randomDisk(1, 4<<20))
+	disks := filepath.Join(dir, "disks")
+	os.Mkdir(disks, 0o755)
+	file := filepath.Join(disks, "web1.raw")
+	ov := filepath.Join(disks, "ci1.qcow2")
+	common := []string{"--store-dir", store, "--image", "baseline", "-q"}
+
+	code, out, errs := cli(t, append([]string{"provision", "--guest", "web1", "--size", "16M", "--target", file}, common...)...)
+	if code != 0 || !strings.HasPrefix(out, "created "+file+": 16.0 MiB disk from "+g1) {
+		t.Fatalf("provision file: exit %d\n%s%s", code, out, errs)
+	}
+	if b, err := exec.Command(qemuImg, "compare", "-f", "raw", "-F", "qcow2", file, g1).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img compare: %v\n%s", err, b)
+	}
+	before := sha256File(t, file)
+	code, out, errs = cli(t, append([]string{"provision", "--guest", "web1", "--size", "16M", "--target", file}, common...)...)
+	if code != 0 || !strings.Contains(out, "exists, left untouched") || sha256File(t, file) != before {
+		t.Fatalf("second provision: exit %d\n%s%s", code, out, errs)
+	}
+	code, out, errs = cli(t, append([]string{"provision", "--guest", "ci1", "--size", "1G", "--overlay", ov}, common...)...)
+	if code != 0 || !strings.Contains(out, "qcow2 overlay of 1.0 GiB on "+g1) {
+		t.Fatalf("provision overlay: exit %d\n%s%s", code, out, errs)
+	}
+
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"provision", "--guest", "x", "--target", file, "--overlay", ov}, "exactly one"},
+		{[]string{"provision", "--target", file}, "--guest"},
+		{[]string{"provision", "--guest", "x", "--target", file, "--size", "lots"}, "--size"},
+		{[]string{"provision", "--guest", "x", "--target", file, "--volume", "v"}, "--volume goes with --pool"},
+		{[]string{"provision", "--guest", "x", "--target", file, "--image", "bad name"}, "--image"},
+		{[]string{"gc"}, "--keep"},
+	} {
+		code, _, errs := cli(t, append(tc.args, "--store-dir", store)...)
+		if code != 2 || !strings.Contains(errs, tc.want) {
+			t.Errorf("%q: exit %d, want 2 mentioning %q\n%s", tc.args, code, tc.want, errs)
+		}
+	}
+	code, _, errs = cli(t, "provision", "--guest", "x", "--target", filepath.Join(disks, "small.raw"), "--size", "1M", "--store-dir", store)
+	if code != 1 || !strings.Contains(errs, "--size") || !strings.Contains(errs, "smaller than the image") {
+		t.Errorf("small --size: exit %d, want 1\n%s", code, errs)
+	}
+	code, _, errs = cli(t, "provision", "--guest", "x", "--target", filepath.Join(disks, "n.raw"), "--image", "nothere", "--store-dir", store)
+	if code != 1 || !strings.Contains(errs, "nixvm-image push") {
+		t.Errorf("missing image: exit %d, want 1 with a hint\n%s", code, errs)
+	}
+
+	g2 := storeGen(t, store, "baseline", randomDisk(2, 4<<20))
+	g3 := storeGen(t, store, "baseline", randomDisk(3, 4<<20))
+	code, out, errs = cli(t, "gc", "--keep", "1", "--scan", disks, "--store-dir", store, "--dry-run")
+	if code != 0 || !strings.Contains(out, "would remove  "+g2) || !strings.Contains(out, "keep          "+g1+"  referenced by "+ov) ||
+		!strings.Contains(out, "keep          "+g3+"  current") || !strings.Contains(out, "would remove 1 of 3") {
+		t.Fatalf("gc --dry-run: exit %d\n%s%s", code, out, errs)
+	}
+	if _, err := os.Stat(g2); err != nil {
+		t.Fatalf("dry run removed %s", g2)
+	}
+	code, out, errs = cli(t, "gc", "--keep", "1", "--scan", disks, "--store-dir", store)
+	if code != 0 || !strings.Contains(out, "removed 1 of 3") {
+		t.Fatalf("gc: exit %d\n%s%s", code, out, errs)
+	}
+	for p, want := range map[string]bool{g1: true, g2: false, g3: true} {
+		if _, err := os.Stat(p); (err == nil) != want {
+			t.Errorf("%s: exists %v, want %v", p, err == nil, want)
+		}
+	}
+	if b, err := exec.Command(qemuImg, "compare", ov, g1).CombinedOutput(); err != nil {
+		t.Fatalf("overlay after gc: %v\n%s", err, b)
+	}
+}
+
+func TestProvisionHelp(t *testing.T) {
+	for _, name := range []string{"provision", "gc"} {
+		code, out, _ := cli(t, name, "--help")
+		if code != 0 || !strings.Contains(out, "Examples:") || !strings.Contains(out, "EXIT STATUS") {
+			t.Errorf("%s --help: exit %d\n%s", name, code, out)
+		}
+	}
+}
