@@ -195,4 +195,3 @@ func (a *absProgress) Update(done int64) {
 		a.last = done
 	}
 }
-
