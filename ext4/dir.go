@@ -24,6 +24,7 @@ type dirInfo struct {
 	ino, parent uint32
 	entries     []dirent // in header order, without "." and ".."
 	subdirs     uint32
+	unit        *unitState // the unit whose blocks it gets
 }
 
 const (

@@ -85,11 +85,20 @@ type Options struct {
 	HashSeed [16]byte // htree hash seed
 	Time     int64    // unix seconds for every superblock timestamp
 	Inodes   uint32   // 0 = one inode per 16 KiB like mke2fs; rounded up to fill groups
+
+	// Previous keeps units where a previous image of the same Size and
+	// Inodes put them: the Placements of its Writer, by unit name (see
+	// BeginUnit). nil lays everything out afresh.
+	Previous map[string]Placement
 }
 
 // Validate checks the options without building anything.
 func (o Options) Validate() error {
-	_, err := newGeometry(o)
+	g, err := newGeometry(o)
+	if err != nil {
+		return err
+	}
+	_, _, err = keptRanges(g, o.Previous)
 	return err
 }
 

@@ -95,7 +95,7 @@ func (w *Writer) extentTree(iblock *[60]byte, ino uint32, exts []extent) (uint64
 		return 0, nil
 	}
 	n := treeBlocks(len(exts))
-	runs, err := w.alloc.alloc(n)
+	runs, err := w.allocBlocks(n)
 	if err != nil {
 		return 0, err
 	}

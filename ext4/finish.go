@@ -85,7 +85,8 @@ func (w *Writer) writeDirs() error {
 			}
 		}
 		n := uint64(len(blocks))
-		runs, err := w.alloc.alloc(n)
+		w.cu = d.unit
+		runs, err := w.allocBlocks(n)
 		if err != nil {
 			return err
 		}
@@ -156,22 +157,41 @@ func (w *Writer) writeInodes(stats []groupStats) error {
 	n := uint32(len(w.inodes))
 	ipg := w.g.ipg
 	buf := make([]byte, blockSize)
+	w.ibitmaps = make([][]byte, w.g.groups)
 	for gi := uint32(0); gi < w.g.groups; gi++ {
 		st := &stats[gi]
 		first := gi*ipg + 1
 		st.flags = bgInodeZeroed
-		if first > n {
+		// The table is written up to the group's last used inode; unused
+		// inodes below it (left by units of a previous image) are zero.
+		last := uint32(0)
+		if first <= n {
+			for ino := min(n, first+ipg-1); ino >= first; ino-- {
+				if w.inodeUsed(ino) {
+					last = ino
+					break
+				}
+			}
+		}
+		if last == 0 {
 			st.flags |= bgInodeUninit
 			st.freeInodes, st.itableUnused = ipg, ipg
 			continue
 		}
-		count := min(n-first+1, ipg)
-		st.freeInodes, st.itableUnused = ipg-count, ipg-count
+		count := last - first + 1
+		st.itableUnused = ipg - count
+		bm := make([]byte, blockSize)
+		used := uint32(0)
 		per := uint32(blockSize / inodeSize)
 		for blk := uint32(0); blk*per < count; blk++ {
 			clear(buf)
 			for k := uint32(0); k < per && blk*per+k < count; k++ {
 				ino := first + blk*per + k
+				if !w.inodeUsed(ino) {
+					continue
+				}
+				used++
+				bm[(ino-first)/8] |= 1 << ((ino - first) % 8)
 				in := &w.inodes[ino-1]
 				if in.dir != nil {
 					st.usedDirs++
@@ -182,8 +202,16 @@ func (w *Writer) writeInodes(stats []groupStats) error {
 				return err
 			}
 		}
+		st.freeInodes = ipg - used
+		w.ibitmaps[gi] = bm
 	}
 	return nil
+}
+
+// inodeUsed reports whether inode ino is in use: the reserved inodes
+// always are, others when the tree has them.
+func (w *Writer) inodeUsed(ino uint32) bool {
+	return ino <= lostFoundIno || w.inodes[ino-1].mode != 0
 }
 
 func setBits(bm []byte, from, to uint64) {
@@ -218,7 +246,7 @@ func mergeRanges(a, b []blockRange) []blockRange {
 }
 
 func (w *Writer) writeBitmaps(stats []groupStats) error {
-	ranges := mergeRanges(w.g.reserved, w.alloc.used)
+	ranges := mergeRanges(w.g.reserved, w.alloc.usedSorted())
 	bm := make([]byte, blockSize)
 	ri := 0
 	for gi := uint32(0); gi < w.g.groups; gi++ {
@@ -248,8 +276,9 @@ func (w *Writer) writeBitmaps(stats []groupStats) error {
 		}
 
 		clear(bm)
-		count := w.g.ipg - st.freeInodes
-		setBits(bm, 0, uint64(count))
+		if ib := w.ibitmaps[gi]; ib != nil {
+			copy(bm, ib)
+		}
 		st.ibCsum = crc32c(w.csumSeed, bm[:w.g.ipg/8])
 		setBits(bm, uint64(w.g.ipg), blocksPerGrp)
 		if st.flags&bgInodeUninit == 0 {

@@ -175,7 +175,7 @@ func newGeometry(o Options) (*geometry, error) {
 // fixedBlocks is every block the writer uses whatever the tree: metadata,
 // the journal with its extent tree, and lost+found.
 func (g *geometry) fixedBlocks() uint64 {
-	a := newAllocator(g)
+	a := newAllocator(g, nil)
 	runs, err := a.alloc(uint64(g.journal))
 	if err != nil {
 		return g.blocks + 1

@@ -60,6 +60,15 @@ type Writer struct {
 	err      error
 	closed   bool
 	fixed    uint64 // blocks of journal (and its tree) and lost+found
+
+	units     map[string]*unitState
+	unitOrder []string
+	cu        *unitState   // the current unit
+	inoAvoid  []blockRange // inodes of previous units, sorted
+	inoCursor uint64       // the next fresh inode candidate
+	inoRI     int
+	ninodes   uint64 // inodes handed out beyond the reserved ones
+	ibitmaps  [][]byte
 }
 
 // NewWriter starts an image on dst, which must read as zeros (a fresh or
@@ -69,14 +78,22 @@ func NewWriter(dst io.WriterAt, opts Options) (*Writer, error) {
 	if err != nil {
 		return nil, err
 	}
-	w := &Writer{
-		dst:      dst,
-		opts:     opts,
-		g:        g,
-		alloc:    newAllocator(g),
-		csumSeed: crc32c(^uint32(0), opts.UUID[:]),
-		paths:    make(map[string]uint32),
+	keptBlocks, keptInodes, err := keptRanges(g, opts.Previous)
+	if err != nil {
+		return nil, err
 	}
+	w := &Writer{
+		dst:       dst,
+		opts:      opts,
+		g:         g,
+		alloc:     newAllocator(g, keptBlocks),
+		csumSeed:  crc32c(^uint32(0), opts.UUID[:]),
+		paths:     make(map[string]uint32),
+		units:     make(map[string]*unitState),
+		inoAvoid:  keptInodes,
+		inoCursor: firstIno + 1,
+	}
+	w.cu = w.unit("")
 	for i := range w.hashSeed {
 		w.hashSeed[i] = binary.LittleEndian.Uint32(opts.HashSeed[4*i:])
 	}
@@ -84,7 +101,7 @@ func NewWriter(dst io.WriterAt, opts Options) (*Writer, error) {
 	root := &w.inodes[rootIno-1]
 	root.mode = sIFDIR | 0o755
 	root.mtime = opts.Time
-	root.dir = &dirInfo{ino: rootIno, parent: rootIno}
+	root.dir = &dirInfo{ino: rootIno, parent: rootIno, unit: w.cu}
 	w.dirs = append(w.dirs, root.dir)
 	w.paths["."] = rootIno
 
@@ -95,7 +112,7 @@ func NewWriter(dst io.WriterAt, opts Options) (*Writer, error) {
 	lf := &w.inodes[lostFoundIno-1]
 	lf.mode = sIFDIR | 0o700
 	lf.mtime = opts.Time
-	lf.dir = &dirInfo{ino: lostFoundIno, parent: rootIno}
+	lf.dir = &dirInfo{ino: lostFoundIno, parent: rootIno, unit: w.cu}
 	w.dirs = append(w.dirs, lf.dir)
 	root.dir.entries = append(root.dir.entries, dirent{"lost+found", lostFoundIno, ftDir})
 	root.dir.subdirs++
@@ -106,7 +123,7 @@ func NewWriter(dst io.WriterAt, opts Options) (*Writer, error) {
 
 func (w *Writer) makeJournal() error {
 	n := uint64(w.g.journal)
-	runs, err := w.alloc.alloc(n)
+	runs, err := w.allocBlocks(n)
 	if err != nil {
 		return err
 	}
@@ -179,14 +196,6 @@ func (w *Writer) fail(err error) error {
 		w.err = err
 	}
 	return w.err
-}
-
-func (w *Writer) newInode() (uint32, *inode, error) {
-	if uint64(len(w.inodes)) >= w.g.inodes() {
-		return 0, nil, fmt.Errorf("%w: need 1 more inode, all %d used", ErrNoSpace, w.g.inodes())
-	}
-	w.inodes = append(w.inodes, inode{})
-	return uint32(len(w.inodes)), &w.inodes[len(w.inodes)-1], nil
 }
 
 // cleanName turns a header name into the key used for lookups.
@@ -314,7 +323,7 @@ func (w *Writer) writeHeader(h *Header) error {
 	switch h.Type {
 	case TypeDir:
 		in.mode = sIFDIR | perm
-		in.dir = &dirInfo{ino: ino, parent: pino}
+		in.dir = &dirInfo{ino: ino, parent: pino, unit: w.cu}
 		w.dirs = append(w.dirs, in.dir)
 		parent.subdirs++
 		ft = ftDir
@@ -332,7 +341,7 @@ func (w *Writer) writeHeader(h *Header) error {
 		}
 		var runs []blockRange
 		if n > 0 {
-			if runs, err = w.alloc.alloc(n); err != nil {
+			if runs, err = w.allocBlocks(n); err != nil {
 				return err
 			}
 		}
@@ -356,7 +365,7 @@ func (w *Writer) writeHeader(h *Header) error {
 			copy(in.iblock[:], h.Linkname)
 			break
 		}
-		runs, err := w.alloc.alloc(1)
+		runs, err := w.allocBlocks(1)
 		if err != nil {
 			return err
 		}
@@ -472,8 +481,7 @@ func (w *Writer) flushBlocks(b []byte) error {
 // MinSize: inodes beyond the reserved ones and blocks beyond the fixed
 // metadata, journal and lost+found. Directory blocks are counted after Close.
 func (w *Writer) Usage() Usage {
-	used := w.g.blocks - w.g.metaTotal - w.alloc.free
-	return Usage{Inodes: uint64(len(w.inodes)) - firstIno, Blocks: used - w.fixed}
+	return Usage{Inodes: w.ninodes, Blocks: w.alloc.nused - w.fixed}
 }
 
 // Close writes the directories, inodes, bitmaps, group descriptors and
