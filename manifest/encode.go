@@ -58,15 +58,27 @@ func (m *Manifest) WriteTo(w io.Writer) (int64, error) {
 		i = k
 	}
 
-	out := make([]byte, 0, fileHeaderLen+sectionHdrLen+sec.Len()+checksumLen)
+	var layout []byte
+	plen := sectionHdrLen + sec.Len()
+	if m.Layout != nil {
+		layout = m.Layout.encode()
+		plen += sectionHdrLen + len(layout)
+	}
+	out := make([]byte, 0, fileHeaderLen+plen+checksumLen)
 	out = append(out, magic...)
 	out = binary.BigEndian.AppendUint32(out, version)
 	out = binary.BigEndian.AppendUint32(out, 0)
-	out = binary.BigEndian.AppendUint64(out, uint64(sectionHdrLen+sec.Len()))
+	out = binary.BigEndian.AppendUint64(out, uint64(plen))
 	out = binary.BigEndian.AppendUint32(out, sectionBlocks)
 	out = binary.BigEndian.AppendUint32(out, 0)
 	out = binary.BigEndian.AppendUint64(out, uint64(sec.Len()))
 	out = append(out, sec.Bytes()...)
+	if layout != nil {
+		out = binary.BigEndian.AppendUint32(out, sectionLayout)
+		out = binary.BigEndian.AppendUint32(out, 0)
+		out = binary.BigEndian.AppendUint64(out, uint64(len(layout)))
+		out = append(out, layout...)
+	}
 	sum := blake3.Sum256(out)
 	out = append(out, sum[:]...)
 	n, err := w.Write(out)
@@ -127,6 +139,7 @@ func readErr(what string, err error) error {
 
 func decodeSections(p []byte) (*Manifest, error) {
 	var m *Manifest
+	var layout *Layout
 	for len(p) > 0 {
 		if len(p) < sectionHdrLen {
 			return nil, fmt.Errorf("%w: %d bytes left, want a %d-byte section header", ErrCorrupt, len(p), sectionHdrLen)
@@ -151,6 +164,14 @@ func decodeSections(p []byte) (*Manifest, error) {
 			if m, err = decodeBlocks(s); err != nil {
 				return nil, err
 			}
+		case typ == sectionLayout:
+			if layout != nil {
+				return nil, fmt.Errorf("%w: two layout sections", ErrCorrupt)
+			}
+			var err error
+			if layout, err = decodeLayout(s); err != nil {
+				return nil, err
+			}
 		case typ&sectionRequire != 0:
 			return nil, fmt.Errorf("%w: required section type %#x unknown to this version", ErrVersion, typ)
 		}
@@ -158,6 +179,7 @@ func decodeSections(p []byte) (*Manifest, error) {
 	if m == nil {
 		return nil, fmt.Errorf("%w: no block-list section", ErrCorrupt)
 	}
+	m.Layout = layout
 	return m, nil
 }
 

@@ -46,8 +46,9 @@
 // blocks costs 16 bytes per block; a zero run costs a few bytes. A reader checks the checksum, every length
 // and count, and recomputes the digest.
 //
-// Future sections (an ext4 layout map: store path to inode and extents) get
-// new type numbers; version 1 readers skip them unless they are required.
+// Section type 3 (optional) is the layout map; see Layout. Future sections
+// get new type numbers; version 1 readers skip them unless they are
+// required.
 package manifest
 
 import (
@@ -84,6 +85,7 @@ type Manifest struct {
 	VirtualSize int64
 	Blocks      []Hash   // one per 4 KiB block, zero blocks included
 	Digest      [32]byte // BLAKE3-256 over Blocks
+	Layout      *Layout  // the root file system's layout map; nil if none
 }
 
 var zeroHash = HashBlock(make([]byte, BlockSize))
@@ -141,6 +143,9 @@ func (m *Manifest) Validate() error {
 	}
 	if got := ComputeDigest(m.Blocks); got != m.Digest {
 		return fmt.Errorf("%w: digest: got %x, want %x", ErrInvalid, got, m.Digest)
+	}
+	if m.Layout != nil {
+		return m.Layout.Validate()
 	}
 	return nil
 }

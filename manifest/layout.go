@@ -1,0 +1,185 @@
+package manifest
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+)
+
+// Section type 0x00000003 (optional, at most once) is the layout map of the
+// image's root file system (see Layout), so that the next build can keep
+// every unchanged store path where it is without reading this image:
+//
+//	0       8     root file system offset in bytes within the disk
+//	8       8     root file system size in bytes
+//	16      32    identifier seed of the lineage
+//	48      16    ext4 UUID
+//	64      16    ext4 directory hash seed
+//	80      ...   uvarint U, the number of units, then U units in strictly
+//	              ascending byte order of their names, each being
+//	              uvarint name length, the name,
+//	              uvarint I, then I inode runs (uvarint start, uvarint length),
+//	              uvarint B, then B block runs (uvarint start, uvarint length);
+//	              lengths are at least 1
+//
+// The section ends after the last unit. Readers of version 1 that predate
+// it skip it.
+const sectionLayout = 0x00000003
+
+const layoutHdrLen = 80
+
+// Layout is where a build put the units of its root file system (ext4):
+// for each unit (a store path's base name, "" for the directories above
+// the store, or another name the builder chose for a file outside it) the
+// inode numbers and 4 KiB file system blocks it used, in allocation order.
+type Layout struct {
+	RootOffset int64    // byte offset of the root file system in the disk
+	RootSize   int64    // its size in bytes
+	Seed       [32]byte // seed of the disk's identifiers (partition IDs and more)
+	UUID       [16]byte // ext4 UUID
+	HashSeed   [16]byte // ext4 htree hash seed
+	Units      []Unit   // sorted by Name, unique
+}
+
+// Unit is one unit of a Layout.
+type Unit struct {
+	Name   string
+	Inodes []Run
+	Blocks []Run
+}
+
+// Run is [Start, Start+Len) of inode or block numbers.
+type Run struct {
+	Start, Len uint64
+}
+
+// Validate checks the order of the units and the runs' lengths.
+func (l *Layout) Validate() error {
+	if l.RootOffset < 0 || l.RootSize < 0 {
+		return fmt.Errorf("%w: layout: root file system at %d of %d bytes", ErrInvalid, l.RootOffset, l.RootSize)
+	}
+	for i, u := range l.Units {
+		if i > 0 && l.Units[i-1].Name >= u.Name {
+			return fmt.Errorf("%w: layout: unit %q after %q, want strictly ascending names", ErrInvalid, u.Name, l.Units[i-1].Name)
+		}
+		for _, rs := range [][]Run{u.Inodes, u.Blocks} {
+			for _, r := range rs {
+				if r.Len == 0 || r.Start+r.Len < r.Start {
+					return fmt.Errorf("%w: layout: unit %q: run %d+%d", ErrInvalid, u.Name, r.Start, r.Len)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// Unit returns the unit called name, or nil.
+func (l *Layout) Unit(name string) *Unit {
+	lo, hi := 0, len(l.Units)
+	for lo < hi {
+		m := (lo + hi) / 2
+		if l.Units[m].Name < name {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	if lo < len(l.Units) && l.Units[lo].Name == name {
+		return &l.Units[lo]
+	}
+	return nil
+}
+
+func (l *Layout) encode() []byte {
+	var b bytes.Buffer
+	var hdr [layoutHdrLen]byte
+	binary.BigEndian.PutUint64(hdr[0:], uint64(l.RootOffset))
+	binary.BigEndian.PutUint64(hdr[8:], uint64(l.RootSize))
+	copy(hdr[16:], l.Seed[:])
+	copy(hdr[48:], l.UUID[:])
+	copy(hdr[64:], l.HashSeed[:])
+	b.Write(hdr[:])
+	uv := func(v uint64) { b.Write(binary.AppendUvarint(nil, v)) }
+	uv(uint64(len(l.Units)))
+	for _, u := range l.Units {
+		uv(uint64(len(u.Name)))
+		b.WriteString(u.Name)
+		for _, rs := range [][]Run{u.Inodes, u.Blocks} {
+			uv(uint64(len(rs)))
+			for _, r := range rs {
+				uv(r.Start)
+				uv(r.Len)
+			}
+		}
+	}
+	return b.Bytes()
+}
+
+func decodeLayout(s []byte) (*Layout, error) {
+	if len(s) < layoutHdrLen {
+		return nil, fmt.Errorf("%w: layout header of %d bytes, want %d", ErrCorrupt, len(s), layoutHdrLen)
+	}
+	l := &Layout{
+		RootOffset: int64(binary.BigEndian.Uint64(s[0:])),
+		RootSize:   int64(binary.BigEndian.Uint64(s[8:])),
+	}
+	copy(l.Seed[:], s[16:48])
+	copy(l.UUID[:], s[48:64])
+	copy(l.HashSeed[:], s[64:80])
+	s = s[layoutHdrLen:]
+	var err error
+	uv := func(what string) uint64 {
+		if err != nil {
+			return 0
+		}
+		v, n := binary.Uvarint(s)
+		if n <= 0 {
+			err = fmt.Errorf("%w: layout: bad %s", ErrCorrupt, what)
+			return 0
+		}
+		s = s[n:]
+		return v
+	}
+	// Every unit takes at least 3 bytes, every run 2: counts beyond what
+	// is left are corrupt, and allocations follow the input.
+	nu := uv("unit count")
+	if err == nil && nu > uint64(len(s))/3 {
+		return nil, fmt.Errorf("%w: layout: %d units in %d bytes", ErrCorrupt, nu, len(s))
+	}
+	l.Units = make([]Unit, 0, nu)
+	for i := uint64(0); i < nu && err == nil; i++ {
+		nl := uv("name length")
+		if err != nil {
+			break
+		}
+		if nl > uint64(len(s)) {
+			return nil, fmt.Errorf("%w: layout: name of %d bytes, %d left", ErrCorrupt, nl, len(s))
+		}
+		u := Unit{Name: string(s[:nl])}
+		s = s[nl:]
+		for _, rs := range []*[]Run{&u.Inodes, &u.Blocks} {
+			nr := uv("run count")
+			if err == nil && nr > uint64(len(s))/2 {
+				return nil, fmt.Errorf("%w: layout: unit %q: %d runs in %d bytes", ErrCorrupt, u.Name, nr, len(s))
+			}
+			if nr > 0 {
+				*rs = make([]Run, 0, nr)
+			}
+			for j := uint64(0); j < nr && err == nil; j++ {
+				r := Run{uv("run start"), uv("run length")}
+				*rs = append(*rs, r)
+			}
+		}
+		l.Units = append(l.Units, u)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if len(s) != 0 {
+		return nil, fmt.Errorf("%w: layout: %d bytes after the last unit", ErrCorrupt, len(s))
+	}
+	if err := l.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	return l, nil
+}
