@@ -28,10 +28,9 @@
 // to 1 MiB - 1 sector left free); MBR, like sfdisk, on the disk's last sector,
 // or sector 2^32-1 when the disk is bigger (2 TiB with 512-byte sectors).
 //
-// Limits: GPT and MBR only (no logical MBR partitions); 4096-byte-sector
-// disks are handled but not tested against tools (Debian 12's sfdisk cannot
-// make them in files). An ext4 without the 64bit feature stops at 2^32-1
-// blocks.
+// Limits: GPT and MBR only (no logical MBR partitions). 4096-byte-sector
+// disks are tested in the QEMU guest only (Debian 12's sfdisk cannot make
+// them in files). An ext4 without the 64bit feature stops at 2^32-1 blocks.
 package resize
 
 import (

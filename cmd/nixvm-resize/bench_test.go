@@ -4,9 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -46,26 +44,7 @@ func TestBenchGrowVsGrowpart(t *testing.T) {
 	}
 
 	// growpart and the programs it runs, with their shared libraries.
-	var files []vmtest.File
-	libs := map[string]bool{}
-	for _, tool := range []string{"growpart", "sfdisk", "sgdisk", "partx", "flock", "resize2fs"} {
-		p := testutil.NeedTool(t, tool)[0]
-		files = append(files, vmtest.File{Path: "opt/bench/bin/" + tool, HostPath: p})
-		out, _ := exec.Command("ldd", p).Output()
-		for _, f := range strings.Fields(string(out)) {
-			if strings.HasPrefix(f, "/") && !strings.HasSuffix(f, ":") {
-				libs[f] = true
-			}
-		}
-	}
-	var libList []string
-	for l := range libs {
-		libList = append(libList, l)
-	}
-	sort.Strings(libList)
-	for _, l := range libList {
-		files = append(files, vmtest.File{Path: strings.TrimPrefix(l, "/"), HostPath: l})
-	}
+	files := hostTools(t, "growpart", "sfdisk", "sgdisk", "partx", "flock", "resize2fs")
 	files = append(files, vmtest.File{Path: "bin/nixvm-resize", HostPath: buildResize(t)})
 
 	script := `
@@ -75,7 +54,7 @@ grow() { # tool disk
 	t0=$(now)
 	case $1 in
 	nixvm-resize) nixvm-resize --mountpoint /mnt/$2 >/tmp/log 2>&1 ;;
-	growpart) (PATH=/opt/bench/bin:$PATH; growpart /dev/$2 1 && resize2fs /dev/${2}1) >/tmp/log 2>&1 ;;
+	growpart) (PATH=/opt/host/bin:$PATH; growpart /dev/$2 1 && resize2fs /dev/${2}1) >/tmp/log 2>&1 ;;
 	esac
 	rc=$?
 	t1=$(now)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -66,6 +67,8 @@ type guestDisk struct {
 	format   string // raw or qcow2
 	iface    string // virtio or nvme
 	mkfsOpts []string
+	whole    bool // ext4 on the whole disk, no partition table
+	table4k  bool // no table on the host: the guest writes a GPT with 4096-byte sectors
 
 	path      string
 	partStart int64 // bytes
@@ -79,6 +82,18 @@ func (g *guestDisk) create(t *testing.T, dir string) {
 		t.Fatal(err)
 	}
 	os.Truncate(raw, g.sizeMiB*mib)
+	switch {
+	case g.whole:
+		sh(t, "", "mkfs.ext4", "-q", "-F", "-b", "4096", raw)
+		g.path = raw
+		sh(t, "", "qemu-img", "resize", "-q", "-f", "raw", g.path, fmt.Sprint(g.growTo))
+		return
+	case g.table4k:
+		// Partition 1 will be 4096-byte sectors 256-16127 (1 MiB, 62 MiB).
+		sh(t, "", "mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "offset=1048576", raw, "62M")
+		g.path, g.partStart = raw, 1<<20
+		return
+	}
 	sh(t, "label: "+g.label+"\n"+g.script, "sfdisk", "--no-reread", "--no-tell-kernel", "-q", raw)
 	start, size := sfdiskPart(t, raw, 1)
 	g.partStart = start * 512
@@ -143,6 +158,34 @@ func fileHash(t *testing.T, path string) [32]byte {
 	return [32]byte(h.Sum(nil))
 }
 
+// hostTools returns host programs (under /opt/host/bin in the initramfs)
+// and the shared libraries they need (ldd), for guest scripts that run them
+// with PATH=/opt/host/bin:$PATH.
+func hostTools(t testing.TB, tools ...string) []vmtest.File {
+	t.Helper()
+	var files []vmtest.File
+	libs := map[string]bool{}
+	for _, tool := range tools {
+		p := testutil.NeedTool(t, tool)[0]
+		files = append(files, vmtest.File{Path: "opt/host/bin/" + tool, HostPath: p})
+		out, _ := exec.Command("ldd", p).Output() // no output for scripts such as growpart
+		for _, f := range strings.Fields(string(out)) {
+			if strings.HasPrefix(f, "/") && !strings.HasSuffix(f, ":") {
+				libs[f] = true
+			}
+		}
+	}
+	var libList []string
+	for l := range libs {
+		libList = append(libList, l)
+	}
+	sort.Strings(libList)
+	for _, l := range libList {
+		files = append(files, vmtest.File{Path: strings.TrimPrefix(l, "/"), HostPath: l})
+	}
+	return files
+}
+
 // hashOutside hashes the disk except partition 1, which the guest mounts
 // (mounting writes the ext4 superblock): the tables, the gaps, and any
 // partition after it must stay byte for byte the same.
@@ -171,6 +214,17 @@ func e2fsckPartition(t *testing.T, raw string, start, size int64) {
 }
 
 const guestCaseScript = `
+serial2dev() {
+	for b in /sys/block/*; do
+		s=$(cat $b/serial $b/device/serial 2>/dev/null | head -n 1 | tr -d ' ')
+		if [ "$s" = "$1" ]; then echo ${b##*/}; return; fi
+	done
+}
+part1() {
+	for p in /sys/block/$1/*/partition; do
+		if [ "$(cat $p)" = 1 ]; then p=${p%/partition}; echo ${p##*/}; return; fi
+	done
+}
 run_case() {
 	name=$1; dev=$2; shift 2
 	mp=/mnt/$name
@@ -208,24 +262,38 @@ func TestGuest(t *testing.T) {
 		// GDT blocks for 2 TiB so the online grow needs no meta_bg conversion.
 		{name: "mbr3t", label: "dos", script: "start=2048\n", sizeMiB: 64, growTo: 3 << 40, format: "raw", iface: "virtio",
 			mkfsOpts: []string{"-E", "resize=536870912"}},
+		{name: "whole", whole: true, sizeMiB: 64, growTo: 256 * mib, format: "raw", iface: "virtio"},
+		// A 4Kn disk: the guest's sfdisk writes a GPT in 4096-byte sectors
+		// (Debian 12's sfdisk cannot do that on a file).
+		{name: "4k", table4k: true, sizeMiB: 256, format: "raw", iface: "virtio"},
 	}
 	var script strings.Builder
 	script.WriteString(guestCaseScript)
 	var vmDisks []vmtest.Disk
-	nvirtio := 0
 	for _, g := range disks {
 		g.create(t, dir)
 		if g.name == "notlast" || g.name == "notgrown" {
 			g.hash = hashOutside(t, g) // (not the 3 TiB one: hashing reads every hole)
 		}
-		dev := fmt.Sprintf("/dev/vd%c1", 'a'+nvirtio)
-		if g.iface == "nvme" {
-			dev = "/dev/nvme0n1p1"
-		} else {
-			nvirtio++
+		// The guest finds each disk by its serial and partition 1 by
+		// sysfs, so no device name is assumed.
+		vd := vmtest.Disk{Path: g.path, Format: g.format, Interface: g.iface, Serial: g.name}
+		fmt.Fprintf(&script, "disk=$(serial2dev %s); echo \"@@dev %s $disk\"\n", g.name, g.name)
+		switch {
+		case g.whole:
+			fmt.Fprintf(&script, "run_case %s /dev/$disk\n", g.name)
+		case g.table4k:
+			vd.LogicalBlockSize = 4096
+			fmt.Fprintf(&script, "echo \"@@lbs4k $(cat /sys/block/$disk/queue/logical_block_size)\"\n"+
+				"printf 'label: gpt\\nstart=256,size=15872\\n' | PATH=/opt/host/bin:$PATH sfdisk -q /dev/$disk\n"+
+				"run_case %s /dev/$(part1 $disk)\n"+
+				"PATH=/opt/host/bin:$PATH sfdisk -V /dev/$disk; echo \"@@verify4k $?\"\n"+
+				"PATH=/opt/host/bin:$PATH sfdisk -d /dev/$disk\n"+
+				"echo \"@@part4k $(cat /sys/block/$disk/$(part1 $disk)/start) $(cat /sys/block/$disk/$(part1 $disk)/size)\"\n", g.name)
+		default:
+			fmt.Fprintf(&script, "run_case %s /dev/$(part1 $disk)\n", g.name)
 		}
-		fmt.Fprintf(&script, "run_case %s %s\n", g.name, dev)
-		vmDisks = append(vmDisks, vmtest.Disk{Path: g.path, Format: g.format, Interface: g.iface})
+		vmDisks = append(vmDisks, vd)
 	}
 	mods, err := vmtest.Modules(filepath.Join("/lib/modules", rel), "virtio_pci", "virtio_blk", "nvme", "crc32c_generic", "ext4")
 	if err != nil {
@@ -238,7 +306,7 @@ func TestGuest(t *testing.T) {
 	}
 	err = vmtest.BuildInitramfs(f, vmtest.InitramfsConfig{
 		Modules: mods,
-		Files:   []vmtest.File{{Path: "bin/nixvm-resize", HostPath: buildResize(t)}},
+		Files:   append(hostTools(t, "sfdisk"), vmtest.File{Path: "bin/nixvm-resize", HostPath: buildResize(t)}),
 		Script:  script.String(),
 	})
 	f.Close()
@@ -279,6 +347,31 @@ func TestGuest(t *testing.T) {
 			}
 			raw := g.rawView(t)
 			switch g.name {
+			case "whole":
+				if kv["strict"] != "3" || kib(kv, "after") != kib(kv, "before") {
+					t.Errorf("whole disk: --strict exit %s (want 3), df %d -> %d KiB (want unchanged)", kv["strict"], kib(kv, "before"), kib(kv, "after"))
+				}
+				sh(t, "", "e2fsck", "-fn", raw)
+				return
+			case "4k":
+				if got := vmtest.Markers(out, "lbs4k"); len(got) != 1 || got[0] != "4096" {
+					t.Fatalf("guest logical block size: got %q, want 4096 (disk naming?)", got)
+				}
+				if got := vmtest.Markers(out, "verify4k"); len(got) != 1 || got[0] != "0" {
+					t.Errorf("sfdisk -V in the guest: exit %q, want 0", got)
+				}
+				// 256 MiB = 65536 sectors of 4 KiB; last usable 65530 (4 entry
+				// sectors + header); 1 MiB-aligned end 65279.
+				got := vmtest.Markers(out, "part4k")
+				if want := fmt.Sprintf("%d %d", 256*8, (65279-256+1)*8); len(got) != 1 || got[0] != want {
+					t.Fatalf("partition in 512-byte units (sysfs start size): got %q, want %q", got, want)
+				}
+				partKiB := int64(65279-256+1) * 4
+				if a := kib(kv, "after"); a < partKiB*95/100 || a > partKiB {
+					t.Errorf("df: %d KiB after, want about %d", a, partKiB)
+				}
+				e2fsckPartition(t, raw, 1<<20, partKiB*1024)
+				return
 			case "notlast", "notgrown":
 				if hashOutside(t, g) != g.hash {
 					t.Errorf("disk bytes outside the mounted file system changed")

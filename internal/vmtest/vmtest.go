@@ -40,7 +40,10 @@ type Disk struct {
 	Path      string
 	Format    string // "raw" (default) or "qcow2"
 	Interface string // "virtio" (default, /dev/vdX) or "nvme" (/dev/nvmeNn1)
-	Serial    string // nvme needs one; "" means "nvme<i>"
+	Serial    string // shown in /sys/block/X/serial (virtio) or X/device/serial (nvme); nvme needs one, "" means "nvme<i>"
+	// LogicalBlockSize, when not 0, gives the virtio disk that logical and
+	// physical block size (e.g. 4096 for a 4Kn disk).
+	LogicalBlockSize int
 }
 
 // Config is one QEMU boot.
@@ -87,7 +90,18 @@ func Cmdline(cfg Config) []string {
 				"-drive", fmt.Sprintf("if=none,id=d%d,format=%s,file=%s", i, format, d.Path),
 				"-device", fmt.Sprintf("nvme,drive=d%d,serial=%s", i, serial))
 		default:
-			args = append(args, "-drive", fmt.Sprintf("if=virtio,format=%s,file=%s", format, d.Path))
+			// -device for every virtio disk: PCI slots (and so vdX names)
+			// follow the command line, which mixing in if=virtio would not.
+			dev := fmt.Sprintf("virtio-blk-pci,drive=d%d", i)
+			if d.Serial != "" {
+				dev += ",serial=" + d.Serial
+			}
+			if d.LogicalBlockSize != 0 {
+				dev += fmt.Sprintf(",logical_block_size=%d,physical_block_size=%d", d.LogicalBlockSize, d.LogicalBlockSize)
+			}
+			args = append(args,
+				"-drive", fmt.Sprintf("if=none,id=d%d,format=%s,file=%s", i, format, d.Path),
+				"-device", dev)
 		}
 	}
 	return args
