@@ -12,10 +12,10 @@ import (
 //
 //	0       8     root file system offset in bytes within the disk
 //	8       8     root file system size in bytes
-//	16      32    identifier seed of the lineage
-//	48      16    ext4 UUID
-//	64      16    ext4 directory hash seed
-//	80      ...   uvarint U, the number of units, then U units in strictly
+//	16      16    ext4 UUID
+//	32      16    ext4 directory hash seed
+//	48      ...   uvarint length and the lineage (see Layout.Lineage),
+//	              uvarint U, the number of units, then U units in strictly
 //	              ascending byte order of their names, each being
 //	              uvarint name length, the name,
 //	              uvarint I, then I inode runs (uvarint start, uvarint length),
@@ -26,7 +26,7 @@ import (
 // it skip it.
 const sectionLayout = 0x00000003
 
-const layoutHdrLen = 80
+const layoutHdrLen = 48
 
 // Layout is where a build put the units of its root file system (ext4):
 // for each unit (a store path's base name, "" for the directories above
@@ -35,7 +35,7 @@ const layoutHdrLen = 80
 type Layout struct {
 	RootOffset int64    // byte offset of the root file system in the disk
 	RootSize   int64    // its size in bytes
-	Seed       [32]byte // seed of the disk's identifiers (partition IDs and more)
+	Lineage    string   // what the disk's identifiers (partition IDs, UUIDs) derive from
 	UUID       [16]byte // ext4 UUID
 	HashSeed   [16]byte // ext4 htree hash seed
 	Units      []Unit   // sorted by Name, unique
@@ -95,11 +95,12 @@ func (l *Layout) encode() []byte {
 	var hdr [layoutHdrLen]byte
 	binary.BigEndian.PutUint64(hdr[0:], uint64(l.RootOffset))
 	binary.BigEndian.PutUint64(hdr[8:], uint64(l.RootSize))
-	copy(hdr[16:], l.Seed[:])
-	copy(hdr[48:], l.UUID[:])
-	copy(hdr[64:], l.HashSeed[:])
+	copy(hdr[16:], l.UUID[:])
+	copy(hdr[32:], l.HashSeed[:])
 	b.Write(hdr[:])
 	uv := func(v uint64) { b.Write(binary.AppendUvarint(nil, v)) }
+	uv(uint64(len(l.Lineage)))
+	b.WriteString(l.Lineage)
 	uv(uint64(len(l.Units)))
 	for _, u := range l.Units {
 		uv(uint64(len(u.Name)))
@@ -123,9 +124,8 @@ func decodeLayout(s []byte) (*Layout, error) {
 		RootOffset: int64(binary.BigEndian.Uint64(s[0:])),
 		RootSize:   int64(binary.BigEndian.Uint64(s[8:])),
 	}
-	copy(l.Seed[:], s[16:48])
-	copy(l.UUID[:], s[48:64])
-	copy(l.HashSeed[:], s[64:80])
+	copy(l.UUID[:], s[16:32])
+	copy(l.HashSeed[:], s[32:48])
 	s = s[layoutHdrLen:]
 	var err error
 	uv := func(what string) uint64 {
@@ -139,6 +139,14 @@ func decodeLayout(s []byte) (*Layout, error) {
 		}
 		s = s[n:]
 		return v
+	}
+	nl := uv("lineage length")
+	if err == nil && nl > uint64(len(s)) {
+		return nil, fmt.Errorf("%w: layout: lineage of %d bytes, %d left", ErrCorrupt, nl, len(s))
+	}
+	if err == nil {
+		l.Lineage = string(s[:nl])
+		s = s[nl:]
 	}
 	// Every unit takes at least 3 bytes, every run 2: counts beyond what
 	// is left are corrupt, and allocations follow the input.

@@ -9,9 +9,7 @@ import (
 
 func sampleLayout() *Layout {
 	l := &Layout{RootOffset: 1 << 20, RootSize: 1 << 30}
-	for i := range l.Seed {
-		l.Seed[i] = byte(i)
-	}
+	l.Lineage = "abcd-nixos-system-test"
 	l.UUID[0], l.HashSeed[15] = 7, 9
 	l.Units = []Unit{
 		{Name: "", Inodes: []Run{{12, 2}}, Blocks: []Run{{4000, 1024}, {9000, 7}}},
