@@ -58,3 +58,7 @@ func ext4Resize(mountpoint string, blocks uint64) error {
 	}
 	return nil
 }
+
+func lockExclusive(f *os.File) error {
+	return unix.Flock(int(f.Fd()), unix.LOCK_EX)
+}

@@ -125,7 +125,18 @@ func openDevice(path string, write bool) (Device, error) {
 	if write {
 		flag = os.O_RDWR
 	}
-	return os.OpenFile(path, flag, 0)
+	f, err := os.OpenFile(path, flag, 0)
+	if err != nil || !write {
+		return f, err
+	}
+	// systemd-udevd does not probe a whole disk while someone holds a BSD
+	// lock on it, so it will not re-read the table under our feet (growpart
+	// takes the same lock). Released by Close.
+	if err := lockExclusive(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return f, nil
 }
 
 // Run grows the file system at opts.Mountpoint to the end of its disk,
