@@ -90,8 +90,8 @@ func TestBuildFixture(t *testing.T) {
 			img := filepath.Join(dir, "img.qcow2")
 			raw := filepath.Join(dir, "img.raw")
 			for _, args := range [][]string{
-				{"build", "--quiet", "--toplevel", fx.Toplevel, "--layout", string(layout), "-o", img},
-				{"build", "--quiet", "--toplevel", fx.Toplevel, "--layout", string(layout), "--format", "raw", "-o", raw},
+				{"build", "--quiet", "--no-bootloader", "--toplevel", fx.Toplevel, "--layout", string(layout), "-o", img},
+				{"build", "--quiet", "--no-bootloader", "--toplevel", fx.Toplevel, "--layout", string(layout), "--format", "raw", "-o", raw},
 			} {
 				if _, stderr, code := run(t, args...); code != 0 {
 					t.Fatalf("%v: exit %d: %s", args, code, stderr)
@@ -282,7 +282,7 @@ func TestBuildClosureForms(t *testing.T) {
 	dir := t.TempDir()
 	var digests []string
 	top := filepath.Join(dir, "toplevel.qcow2")
-	if _, stderr, code := run(t, "build", "--quiet", "--toplevel", fx.Toplevel, "-o", top); code != 0 {
+	if _, stderr, code := run(t, "build", "--quiet", "--no-bootloader", "--toplevel", fx.Toplevel, "-o", top); code != 0 {
 		t.Fatalf("toplevel: exit %d: %s", code, stderr)
 	}
 	for _, form := range []struct{ name, file string }{
@@ -292,7 +292,7 @@ func TestBuildClosureForms(t *testing.T) {
 		{"json", fx.JSONFile},
 	} {
 		img := filepath.Join(dir, form.name+".qcow2")
-		if _, stderr, code := run(t, "build", "--quiet", "--closure", form.file, "-o", img); code != 0 {
+		if _, stderr, code := run(t, "build", "--quiet", "--no-bootloader", "--closure", form.file, "-o", img); code != 0 {
 			t.Fatalf("%s: exit %d: %s", form.name, code, stderr)
 		}
 		digests = append(digests, form.name+" "+sha256File(t, img))
@@ -323,7 +323,7 @@ func TestDeterministic(t *testing.T) {
 		dir := t.TempDir()
 		out := filepath.Join(dir, fmt.Sprintf("img%d.qcow2", i))
 		cmd := exec.Command("/bin/sh", "-c", "umask "+env.umask+" && exec \"$0\" \"$@\"", self,
-			"build", "--quiet", "--toplevel", fx.Toplevel, "--layout", "hybrid", "-j", env.jobs, "-o", out)
+			"build", "--quiet", "--no-bootloader", "--toplevel", fx.Toplevel, "--layout", "hybrid", "-j", env.jobs, "-o", out)
 		cmd.Env = append(os.Environ(), "NIXVM_IMAGE_RUN_MAIN=1", "TZ="+env.tz, "TMPDIR="+t.TempDir())
 		if b, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("%v: %v\n%s", cmd.Args, err, b)
@@ -373,7 +373,7 @@ func TestBuildBadInput(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
 			out := filepath.Join(dir, "out.qcow2")
-			args := []string{"build", "--quiet", "-o", out}
+			args := []string{"build", "--quiet", "--no-bootloader", "-o", out}
 			if tc.closure != "" {
 				cf := filepath.Join(t.TempDir(), "closure")
 				os.WriteFile(cf, []byte(tc.closure), 0o644)

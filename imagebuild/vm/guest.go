@@ -69,8 +69,11 @@ func guest() (code int, err error) {
 	if err := waitFor(cfg.Root, 20*time.Second); err != nil {
 		return 0, err
 	}
-	// noatime: reading the store must not write access times into the image.
-	if err := unix.Mount(cfg.Root, target, "ext4", unix.MS_NOATIME, ""); err != nil {
+	// noatime: reading the store must not write access times into the
+	// image.
+	// nodelalloc: blocks are allocated at write(2), in the order of the
+	// writes, not at writeback, whose timing varies.
+	if err := unix.Mount(cfg.Root, target, "ext4", unix.MS_NOATIME, "nodelalloc"); err != nil {
 		return 0, fmt.Errorf("mount the root file system %s: %w", cfg.Root, err)
 	}
 	var mounted []string

@@ -79,8 +79,9 @@ func (o *Options) defaults() error {
 	return nil
 }
 
-// Kernel returns the kernel and the modules directory (the one holding
-// modules.dep) that the stage boots.
+// KernelAndModules returns the kernel and the modules directory (the one
+// holding modules.dep) that the stage boots. It also checks that the system
+// has a switch-to-configuration to run.
 func (o *Options) KernelAndModules() (kernel, modules string, err error) {
 	kernel = o.Kernel
 	if kernel == "" {
@@ -90,6 +91,12 @@ func (o *Options) KernelAndModules() (kernel, modules string, err error) {
 		}
 	} else if _, err := os.Stat(kernel); err != nil {
 		return "", "", fmt.Errorf("%w: --kernel: %v", ErrNoKernel, err)
+	}
+	if o.Toplevel != "" {
+		stc := filepath.Join(o.Toplevel, Command[0][len("/nix/var/nix/profiles/system"):])
+		if _, err := os.Stat(stc); err != nil {
+			return "", "", fmt.Errorf("%w: the system %s has no %s: it is not a NixOS system; pass --no-bootloader to build an image without a boot loader", ErrNotNixOS, o.Toplevel, stc[len(o.Toplevel)+1:])
+		}
 	}
 	modules = o.Modules
 	if modules == "" {
@@ -224,6 +231,16 @@ func Stage(ctx context.Context, opts Options, disk string, plan *partition.Plan)
 		return nil, fmt.Errorf("vm: write the initramfs: %w", err)
 	}
 
+	f, err := os.OpenFile(disk, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("vm: %w", err)
+	}
+	defer f.Close()
+	snap, err := snapshotExt4(f, plan.Root.Start)
+	if err != nil {
+		return nil, err
+	}
+
 	cfg := Config{QEMU: opts.QEMU, Kernel: kernel, Initrd: rd.Name(), Disk: disk, MemoryMiB: opts.MemoryMiB, Epoch: opts.Epoch}
 	list := accels(opts.Accel)
 	for i, a := range list {
@@ -256,6 +273,11 @@ func Stage(ctx context.Context, opts Options, disk string, plan *partition.Plan)
 		case out.exit != 0:
 			return nil, fmt.Errorf("%w: %s exited with status %d; its output:\n%s", ErrGuestFailed, strings.Join(Command, " "), out.exit, indent(out.tail))
 		}
+		st, err := snap.restore(f, opts.Epoch)
+		if err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(opts.Log, "vm: normalised the root file system: %d inode timestamps clamped to %d, journal and superblock times restored\n", st.Inodes, opts.Epoch)
 		res.Duration = time.Since(start)
 		return res, nil
 	}

@@ -20,9 +20,17 @@
 // NIXOS_INSTALL_BOOTLOADER=1 /nix/var/nix/profiles/system/bin/switch-to-configuration boot
 // with its output on the console, then unmounts, syncs and powers off.
 //
-// The guest writes through the kernel, so the VM stage is not bit-for-bit
-// reproducible by construction: see Determinism in the package's README
-// section of BENCHMARKS/report and the RTC settings in Cmdline.
+// Determinism: the guest writes through the kernel, which stamps inodes with
+// the guest clock, gives new inodes random generations (seeding their
+// checksums) and journals with its own timing. The guest mounts the root
+// file system with noatime and nodelalloc (blocks allocated in write order),
+// and after the VM the host clamps inode times to the epoch, resets
+// generations and the checksums they seed, and restores the journal and the
+// superblock's times (normalize.go): two builds of the same closure give the
+// same bytes when the boot loader's own output is deterministic. The ESP is
+// FAT, whose times cannot go before 1980: with the default epoch (1) every
+// FAT time is 1980-01-01; with a later SOURCE_DATE_EPOCH they follow the guest
+// clock (started at the epoch) and may differ by seconds between builds.
 package vm
 
 import (
@@ -58,6 +66,7 @@ func ParseAccel(s string) (Accel, error) {
 var (
 	ErrAccel        = errors.New("vm: unknown accelerator")
 	ErrNoKernel     = errors.New("vm: no kernel")
+	ErrNotNixOS     = errors.New("vm: not a NixOS system")
 	ErrNotStatic    = errors.New("vm: the VM's /init is not a static binary")
 	ErrTimeout      = errors.New("vm: the guest did not finish in time")
 	ErrGuestFailed  = errors.New("vm: switch-to-configuration failed in the guest")
