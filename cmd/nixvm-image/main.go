@@ -19,14 +19,11 @@ func main() {
 	if p := os.Getenv("NIXVM_IMAGE_CPUPROFILE"); p != "" {
 		if f, err := os.Create(p); err == nil {
 			pprof.StartCPUProfile(f)
-			defer pprof.StopCPUProfile()
 		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	code := Context{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Args: os.Args[1:]}.Execute(ctx)
 	stop()
-	if code != 0 {
-		pprof.StopCPUProfile()
-		os.Exit(code)
-	}
+	pprof.StopCPUProfile() // a no-op without NIXVM_IMAGE_CPUPROFILE
+	os.Exit(code)
 }
