@@ -3,15 +3,20 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"io"
 	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
+	nixfixture "github.com/nixvm-image/nixvm-image/internal/fixture"
 	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/partition"
 	"github.com/nixvm-image/nixvm-image/push"
 )
 
@@ -24,6 +29,15 @@ type rw struct {
 // name, in-process, and returns its path.
 func storeGen(t *testing.T, dir, name string, data []byte) string {
 	t.Helper()
+	src, err := push.NewSource(bytes.NewReader(data), int64(len(data)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return storeSource(t, dir, name, src)
+}
+
+func storeSource(t *testing.T, dir, name string, src *push.Source) string {
+	t.Helper()
 	store := &push.Store{Dir: dir}
 	s2hR, s2hW := io.Pipe()
 	h2sR, h2sW := io.Pipe()
@@ -34,10 +48,6 @@ func storeGen(t *testing.T, dir, name string, data []byte) string {
 		s2hR.Close()
 		done <- err
 	}()
-	src, err := push.NewSource(bytes.NewReader(data), int64(len(data)), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
 	if _, err := push.Push(context.Background(), rw{h2sR, s2hW}, src, push.Options{Name: name}); err != nil {
 		t.Fatal(err)
 	}
@@ -144,5 +154,44 @@ func TestProvisionHelp(t *testing.T) {
 		if code != 0 || !strings.Contains(out, "Examples:") || !strings.Contains(out, "EXIT STATUS") {
 			t.Errorf("%s --help: exit %d\n%s", name, code, out)
 		}
+	}
+}
+
+// TestProvisionBuiltImage provisions from a real image: the small Nix
+// fixture built by nixvm-image build (zstd qcow2, no boot loader), received
+// into the store as a push would, then copied into a raw file 64 MiB larger.
+// The disk equals the generation and the built image (qemu-img compare) and
+// its root file system passes e2fsck -fn.
+func TestProvisionBuiltImage(t *testing.T) {
+	tools := testutil.NeedTool(t, "qemu-img", "sfdisk", "e2fsck")
+	qemuImg, sfdisk, e2fsck := tools[0], tools[1], tools[2]
+	fx := nixfixture.Build(t, "small")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "baseline.qcow2")
+	if _, stderr, code := run(t, "build", "--quiet", "--no-bootloader", "--toplevel", fx.Toplevel, "-o", img); code != 0 {
+		t.Fatalf("build: exit %d: %s", code, stderr)
+	}
+	src, err := push.OpenSource(img, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	store := filepath.Join(dir, "images")
+	gen := storeSource(t, store, "baseline", src)
+	disk := filepath.Join(dir, "guest.raw")
+	size := src.VirtualSize + 64<<20
+	start := time.Now()
+	code, out, errs := cli(t, "provision", "-q", "--store-dir", store, "--guest", "g", "--size", strconv.FormatInt(size, 10), "--target", disk)
+	if code != 0 {
+		t.Fatalf("provision: exit %d\n%s%s", code, out, errs)
+	}
+	t.Logf("%s (%s)", strings.TrimSpace(out), time.Since(start).Round(time.Millisecond))
+	mustRun(t, qemuImg, "compare", "-f", "raw", "-F", "qcow2", disk, gen)
+	mustRun(t, qemuImg, "compare", "-f", "raw", "-F", "qcow2", disk, img)
+	var table sfdiskJSON
+	json.Unmarshal([]byte(mustRun(t, sfdisk, "--json", disk)), &table)
+	plan := planFromTable(t, partition.Legacy, table, size)
+	if b, err := exec.Command(e2fsck, "-fn", partitionFile(t, disk, plan.Root)).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn: %v\n%s", err, b)
 	}
 }
