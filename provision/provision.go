@@ -100,6 +100,9 @@ func Provision(ctx context.Context, req Request) (Result, error) {
 		if vg, lv, ok := lvmPath(req.Target); ok {
 			return provisionLV(ctx, req, vg, lv)
 		}
+		if strings.HasPrefix(filepath.Clean(req.Target), "/dev/") {
+			return Result{}, fmt.Errorf("%w: %s does not exist, and only /dev/VG/LV (an LVM volume) is created when missing", ErrTarget, req.Target)
+		}
 		return provisionFile(ctx, req)
 	}
 	return Result{}, fmt.Errorf("%w: kind %d", ErrTarget, req.Kind)

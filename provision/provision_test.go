@@ -130,6 +130,15 @@ func TestFile(t *testing.T) {
 	if _, err := os.Stat(req.Target); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("refused disk exists: %v", err)
 	}
+
+	// A missing device that is not /dev/VG/LV is not made a file in /dev.
+	req.Target, req.Size = "/dev/nixvm-test-no-such-disk", 0
+	if _, err := Provision(context.Background(), req); !errors.Is(err, ErrTarget) {
+		t.Errorf("missing device: got %v, want ErrTarget", err)
+	}
+	if _, err := os.Lstat(req.Target); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("%s was created: %v", req.Target, err)
+	}
 }
 
 // TestForceRefusedWhileLocked holds an OFD lock on the disk as QEMU does on
