@@ -477,7 +477,12 @@ func provisionPool(ctx context.Context, req Request) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	if err := v.VolCreate(ctx, req.Pool, req.Volume, size); err != nil {
+	ptype, err := v.PoolType(ctx, req.Pool)
+	if err != nil {
+		return Result{}, err
+	}
+	sparse := ptype == "dir" || ptype == "fs" || ptype == "netfs"
+	if err := v.VolCreate(ctx, req.Pool, req.Volume, size, sparse); err != nil {
 		return Result{}, err
 	}
 	path, err = v.VolPath(ctx, req.Pool, req.Volume)

@@ -2,6 +2,7 @@ package provision
 
 import (
 	"context"
+	"encoding/xml"
 	"errors"
 	"fmt"
 	"strconv"
@@ -52,11 +53,32 @@ func (v *Virsh) VolPath(ctx context.Context, pool, vol string) (string, error) {
 	return p, nil
 }
 
-// VolCreate creates a raw volume of size bytes, sparse where the pool allows
-// it (--allocation 0).
-func (v *Virsh) VolCreate(ctx context.Context, pool, vol string, size int64) error {
-	_, err := v.do(ctx, "vol-create-as", pool, vol, strconv.FormatInt(size, 10), "--allocation", "0", "--format", "raw")
+// VolCreate creates a raw volume of size bytes; sparse asks for no
+// preallocation (--allocation 0), which file-backed pools (dir, fs, netfs)
+// honour with a sparse file. Other pools get a fully allocated volume: a
+// logical pool would otherwise make an LVM snapshot-backed "sparse" volume.
+func (v *Virsh) VolCreate(ctx context.Context, pool, vol string, size int64, sparse bool) error {
+	args := []string{"vol-create-as", pool, vol, strconv.FormatInt(size, 10)}
+	if sparse {
+		args = append(args, "--allocation", "0")
+	}
+	_, err := v.do(ctx, append(args, "--format", "raw")...)
 	return err
+}
+
+// PoolType returns a pool's type (dir, logical, fs, ...) from its XML.
+func (v *Virsh) PoolType(ctx context.Context, pool string) (string, error) {
+	out, err := v.do(ctx, "pool-dumpxml", pool)
+	if err != nil {
+		return "", err
+	}
+	var x struct {
+		Type string `xml:"type,attr"`
+	}
+	if err := xml.Unmarshal([]byte(out), &x); err != nil || x.Type == "" {
+		return "", fmt.Errorf("provision: virsh pool-dumpxml %s: no pool type in %q: %v", pool, out, err)
+	}
+	return x.Type, nil
 }
 
 // VolDelete deletes a volume.
