@@ -69,6 +69,7 @@ type guestDisk struct {
 	mkfsOpts []string
 	whole    bool // ext4 on the whole disk, no partition table
 	table4k  bool // no table on the host: the guest writes a GPT with 4096-byte sectors
+	dm       bool // the guest mounts partition 1 through a device-mapper linear target
 
 	path      string
 	partStart int64 // bytes
@@ -263,6 +264,7 @@ func TestGuest(t *testing.T) {
 		{name: "mbr3t", label: "dos", script: "start=2048\n", sizeMiB: 64, growTo: 3 << 40, format: "raw", iface: "virtio",
 			mkfsOpts: []string{"-E", "resize=536870912"}},
 		{name: "whole", whole: true, sizeMiB: 64, growTo: 256 * mib, format: "raw", iface: "virtio"},
+		{name: "dm", label: "gpt", script: "start=2048\n", sizeMiB: 64, growTo: 256 * mib, format: "raw", iface: "virtio", dm: true},
 		// A 4Kn disk: the guest's sfdisk writes a GPT in 4096-byte sectors
 		// (Debian 12's sfdisk cannot do that on a file).
 		{name: "4k", table4k: true, sizeMiB: 256, format: "raw", iface: "virtio"},
@@ -272,7 +274,7 @@ func TestGuest(t *testing.T) {
 	var vmDisks []vmtest.Disk
 	for _, g := range disks {
 		g.create(t, dir)
-		if g.name == "notlast" || g.name == "notgrown" {
+		if g.name == "notlast" || g.name == "notgrown" || g.name == "dm" {
 			g.hash = hashOutside(t, g) // (not the 3 TiB one: hashing reads every hole)
 		}
 		// The guest finds each disk by its serial and partition 1 by
@@ -290,12 +292,17 @@ func TestGuest(t *testing.T) {
 				"PATH=/opt/host/bin:$PATH sfdisk -V /dev/$disk; echo \"@@verify4k $?\"\n"+
 				"PATH=/opt/host/bin:$PATH sfdisk -d /dev/$disk\n"+
 				"echo \"@@part4k $(cat /sys/block/$disk/$(part1 $disk)/start) $(cat /sys/block/$disk/$(part1 $disk)/size)\"\n", g.name)
+		case g.dm:
+			fmt.Fprintf(&script, "p=$(part1 $disk)\n"+
+				"PATH=/opt/host/bin:$PATH dmsetup create --noudevsync nixvmdm --table \"0 $(cat /sys/block/$disk/$p/size) linear /dev/$p 0\"\n"+
+				"run_case %s /dev/$(ls /sys/block/$disk/$p/holders)\n"+
+				"PATH=/opt/host/bin:$PATH dmsetup remove --noudevsync nixvmdm\n", g.name)
 		default:
 			fmt.Fprintf(&script, "run_case %s /dev/$(part1 $disk)\n", g.name)
 		}
 		vmDisks = append(vmDisks, vd)
 	}
-	mods, err := vmtest.Modules(filepath.Join("/lib/modules", rel), "virtio_pci", "virtio_blk", "nvme", "crc32c_generic", "ext4")
+	mods, err := vmtest.Modules(filepath.Join("/lib/modules", rel), "virtio_pci", "virtio_blk", "nvme", "crc32c_generic", "ext4", "dm_mod")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -306,7 +313,7 @@ func TestGuest(t *testing.T) {
 	}
 	err = vmtest.BuildInitramfs(f, vmtest.InitramfsConfig{
 		Modules: mods,
-		Files:   append(hostTools(t, "sfdisk"), vmtest.File{Path: "bin/nixvm-resize", HostPath: buildResize(t)}),
+		Files:   append(hostTools(t, "sfdisk", "dmsetup"), vmtest.File{Path: "bin/nixvm-resize", HostPath: buildResize(t)}),
 		Script:  script.String(),
 	})
 	f.Close()
@@ -372,14 +379,14 @@ func TestGuest(t *testing.T) {
 				}
 				e2fsckPartition(t, raw, 1<<20, partKiB*1024)
 				return
-			case "notlast", "notgrown":
+			case "notlast", "notgrown", "dm":
 				if hashOutside(t, g) != g.hash {
 					t.Errorf("disk bytes outside the mounted file system changed")
 				}
 				if kib(kv, "after") != kib(kv, "before") {
 					t.Errorf("df: size changed from %d to %d KiB", kib(kv, "before"), kib(kv, "after"))
 				}
-				wantStrict := map[string]string{"notlast": "3", "notgrown": "0"}[g.name]
+				wantStrict := map[string]string{"notlast": "3", "notgrown": "0", "dm": "3"}[g.name]
 				if kv["strict"] != wantStrict {
 					t.Errorf("--strict: exit %s, want %s", kv["strict"], wantStrict)
 				}
