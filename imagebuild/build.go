@@ -60,6 +60,11 @@ type Options struct {
 	Workers     int              // default GOMAXPROCS; output bytes do not depend on it
 	Epoch       int64            // timestamps outside the store (SOURCE_DATE_EPOCH); default 1, Nix's store mtime
 
+	// Previous is a previous image (or its manifest) whose layout to keep:
+	// store paths in both keep their inodes and blocks (see previous.go).
+	// "" lays out afresh.
+	Previous string
+
 	Log      io.Writer // one line per step; nil discards
 	Progress Progress  // nil is off
 
@@ -149,6 +154,9 @@ type builder struct {
 	trees []*node
 	scan  *scanner
 	bufs  chan []byte // file data buffers, shared with the NAR hashers
+
+	prev   *manifest.Layout // the previous layout map kept, if any
+	layout *manifest.Layout // this build's layout map
 }
 
 func (b *builder) logf(format string, args ...any) {
@@ -176,15 +184,20 @@ func (b *builder) tempFile(suffix string) (*os.File, error) {
 	return f, nil
 }
 
-// seed returns the seed of every identifier: the toplevel's store path.
+// seed returns the seed of every identifier: the toplevel's store path, or
+// the previous image's lineage.
 func (b *builder) seed(what string) []byte {
-	h := sha256.Sum256([]byte("nixvm-image " + what + "\x00" + path.Base(b.opts.Toplevel)))
+	h := sha256.Sum256([]byte("nixvm-image " + what + "\x00" + b.lineage()))
 	return h[:]
 }
 
 func (b *builder) run() (*Result, error) {
 	o := &b.opts
 	c := o.Closure
+
+	if err := b.loadPrevious(); err != nil {
+		return nil, err
+	}
 
 	// 1. Scan every store path.
 	t0 := time.Now()
@@ -249,6 +262,9 @@ func (b *builder) run() (*Result, error) {
 			}
 		}
 	}
+	if plan, err = b.keepPlan(plan, minFS); err != nil {
+		return nil, err
+	}
 	b.logf("layout %s: disk %s, root file system %s at offset %s", o.Layout, humanBytes(plan.DiskSize), humanBytes(plan.Root.Size), humanBytes(plan.Root.Start))
 
 	// 3. The raw disk.
@@ -260,16 +276,16 @@ func (b *builder) run() (*Result, error) {
 	if err := raw.Truncate(plan.DiskSize); err != nil {
 		return nil, fmt.Errorf("size the raw disk: %w", err)
 	}
-	ids := partition.DeriveIDs(b.seed("partition"))
-	if err := plan.WriteTable(raw, ids); err != nil {
-		return nil, err
-	}
-	if err := plan.WriteESP(raw, ids); err != nil {
-		return nil, err
-	}
 	t0 = time.Now()
-	if err := b.writeRoot(raw, plan); err != nil {
-		return nil, err
+	if err := b.writeDisk(raw, plan); err != nil {
+		if !errors.Is(err, ext4.ErrNoSpace) || b.prev == nil {
+			return nil, err
+		}
+		b.logf("previous layout not used: free space ran short while keeping it (%v); laying out afresh", err)
+		b.prev = nil
+		if err := b.writeDisk(raw, plan); err != nil {
+			return nil, err
+		}
 	}
 	b.logf("wrote the root file system: %s of files, NAR hashes checked (%s)", humanBytes(s.bytes), since(t0))
 	if o.Bootloader != nil {
@@ -331,6 +347,7 @@ func (b *builder) run() (*Result, error) {
 		return nil, err
 	}
 	defer mf.Close()
+	m.Layout = b.layout
 	if _, err := m.WriteTo(mf); err != nil {
 		return nil, fmt.Errorf("write manifest: %w", err)
 	}
@@ -380,7 +397,10 @@ func (b *builder) ext4Options(size int64) ext4.Options {
 	copy(hashSeed[:], b.seed("ext4 hash seed"))
 	uuid[6] = uuid[6]&0x0f | 0x40
 	uuid[8] = uuid[8]&0x3f | 0x80
-	return ext4.Options{Size: size, Label: "nixos", UUID: uuid, HashSeed: hashSeed, Time: b.opts.Epoch}
+	if b.prev != nil {
+		uuid, hashSeed = b.prev.UUID, b.prev.HashSeed
+	}
+	return ext4.Options{Size: size, Label: "nixos", UUID: uuid, HashSeed: hashSeed, Time: b.opts.Epoch, Previous: b.previousPlacements()}
 }
 
 // skeleton lists the directories outside the store paths: the first three
@@ -407,11 +427,31 @@ func (b *builder) skeleton() []*ext4.Header {
 	return hs
 }
 
+// writeDisk writes the partition table, the ESP and the root file system
+// on the raw disk, which it zeroes first.
+func (b *builder) writeDisk(raw *os.File, plan *partition.Plan) error {
+	if err := raw.Truncate(0); err != nil {
+		return fmt.Errorf("size the raw disk: %w", err)
+	}
+	if err := raw.Truncate(plan.DiskSize); err != nil {
+		return fmt.Errorf("size the raw disk: %w", err)
+	}
+	ids := partition.DeriveIDs(b.seed("partition"))
+	if err := plan.WriteTable(raw, ids); err != nil {
+		return err
+	}
+	if err := plan.WriteESP(raw, ids); err != nil {
+		return err
+	}
+	return b.writeRoot(raw, plan)
+}
+
 // writeRoot writes the root file system into its partition.
 func (b *builder) writeRoot(raw *os.File, plan *partition.Plan) error {
 	o := &b.opts
 	c := o.Closure
-	w, err := ext4.NewWriter(io.NewOffsetWriter(raw, plan.Root.Start), b.ext4Options(plan.Root.Size))
+	opts := b.ext4Options(plan.Root.Size)
+	w, err := ext4.NewWriter(io.NewOffsetWriter(raw, plan.Root.Start), opts)
 	if err != nil {
 		return err
 	}
@@ -428,6 +468,9 @@ func (b *builder) writeRoot(raw *os.File, plan *partition.Plan) error {
 	dbPaths := make([]nixdb.Path, 0, len(c.Paths))
 	for i, p := range c.Paths {
 		if err := b.ctx.Err(); err != nil {
+			return err
+		}
+		if err := w.BeginUnit(path.Base(p.Path)); err != nil {
 			return err
 		}
 		hash, size, err := b.writeStorePath(w, p.Path, b.trees[i])
@@ -458,11 +501,17 @@ func (b *builder) writeRoot(raw *os.File, plan *partition.Plan) error {
 		return err
 	}
 	for _, h := range b.skeleton()[3:] {
+		if err := w.BeginUnit(unitOf(h.Name)); err != nil {
+			return err
+		}
 		if err := w.WriteHeader(h); err != nil {
 			return err
 		}
 	}
 	file := func(name string, data []byte, mode uint32) error {
+		if err := w.BeginUnit(unitOf(name)); err != nil {
+			return err
+		}
 		if err := w.WriteHeader(&ext4.Header{Name: name, Type: ext4.TypeReg, Mode: mode, Mtime: epoch, Size: int64(len(data))}); err != nil {
 			return err
 		}
@@ -470,6 +519,9 @@ func (b *builder) writeRoot(raw *os.File, plan *partition.Plan) error {
 		return err
 	}
 	symlink := func(name, target string) error {
+		if err := w.BeginUnit(unitOf(name)); err != nil {
+			return err
+		}
 		return w.WriteHeader(&ext4.Header{Name: name, Type: ext4.TypeSymlink, Mode: 0o777, Mtime: epoch, Linkname: target})
 	}
 	if err := file("nix/var/nix/db/db.sqlite", db, 0o644); err != nil {
@@ -490,7 +542,11 @@ func (b *builder) writeRoot(raw *os.File, plan *partition.Plan) error {
 	if err := symlink("bin/sh", b.binsh()); err != nil {
 		return err
 	}
-	return w.Close()
+	if err := w.Close(); err != nil {
+		return err
+	}
+	b.layout = b.layoutMap(plan, opts, w.Placements())
+	return nil
 }
 
 // binsh is the target of /bin/sh, which switch-to-configuration needs in the

@@ -31,6 +31,7 @@ type buildOptions struct {
 	jobs         int
 	quiet        bool
 	noBootloader bool
+	previous     string
 
 	// NixOS configuration and the VM stage.
 	flake     string
@@ -54,6 +55,7 @@ func (o *buildOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.compression, "compression", "zstd", "qcow2 cluster compression: zstd, zlib or none")
 	fs.IntVarP(&o.jobs, "jobs", "j", 0, "compression workers (default: all cores); the output is the same for any value")
 	fs.BoolVarP(&o.quiet, "quiet", "q", false, "print nothing but errors")
+	fs.StringVar(&o.previous, "previous", "auto", "keep the layout of a previous IMAGE (or IMAGE.manifest): store paths in both keep their blocks, so pushes stay small; auto = OUTPUT.manifest when --force replaces an output that has one; none = lay out afresh")
 	fs.BoolVar(&o.noBootloader, "no-bootloader", false, "skip the VM stage: install no boot loader (for direct kernel boot)")
 	fs.StringVar(&o.flake, "flake", "", "build the NixOS configuration FLAKE#NAME (nixosConfigurations.NAME) with nix build")
 	fs.StringVar(&o.kernel, "kernel", "", "kernel (bzImage) for the VM stage; default: the system's own TOPLEVEL/kernel")
@@ -74,7 +76,10 @@ system profile, without root, loop devices, KVM or a VM. The same closure gives 
 same bytes (timestamps come from SOURCE_DATE_EPOCH, default 1).
 
 The root file system is ext4 labelled "nixos". Beside IMAGE the build writes
-IMAGE.manifest, the 4 KiB block hashes that push uses to send only what a host lacks.
+IMAGE.manifest, the 4 KiB block hashes that push uses to send only what a host lacks,
+and the layout map: where each store path went. A rebuild with --previous OLD (by
+default the manifest of the output it replaces) keeps every store path that OLD has
+where it was, so pushing the new image sends little more than the changed paths.
 
 Examples:
   nixvm-image build --toplevel /nix/store/…-nixos-system-baseline -o baseline.qcow2
@@ -216,6 +221,7 @@ func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) er
 		Workers:     o.jobs,
 		Epoch:       epoch,
 		Log:         logWriter(log, pr),
+		Previous:    previousImage(o),
 	}
 	if pr != nil {
 		opts.Progress = pr
@@ -238,6 +244,23 @@ func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) er
 			res.Output, res.Paths, human(res.NarBytes), human(res.DiskSize), human(res.OutputSize), res.Digest[:8], secs, float64(res.NarBytes)/1e6/max(secs, 1e-3))
 	}
 	return nil
+}
+
+// previousImage resolves --previous: auto is the output's manifest when the
+// build replaces an output that has one.
+func previousImage(o *buildOptions) string {
+	switch o.previous {
+	case "none", "":
+		return ""
+	case "auto":
+		if o.force {
+			if _, err := os.Stat(imagebuild.ManifestPath(o.output)); err == nil {
+				return imagebuild.ManifestPath(o.output)
+			}
+		}
+		return ""
+	}
+	return o.previous
 }
 
 // loadClosure reads the closure from a file or from the local Nix, validates
