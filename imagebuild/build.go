@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/ext4"
@@ -705,10 +707,52 @@ type writerAt interface {
 
 // copySparse feeds the data regions of src to every sink in ascending
 // order, skipping holes (SEEK_DATA/SEEK_HOLE), so a mostly empty disk costs
-// only its data. Progress counts the virtual disk, holes included.
+// only its data. Each sink runs on its own goroutine over the same read-only
+// chunks, so hashing and compression overlap with each other and with
+// reading. Progress counts the virtual disk, holes included.
 func copySparse(ctx context.Context, src *os.File, size int64, sinks []writerAt, pr Progress) error {
 	const seekData, seekHole = 3, 4
-	buf := make([]byte, 4<<20)
+	const chunk, chunks = 4 << 20, 8
+	pool := newBufferPool(chunks, chunk)
+	type piece struct {
+		data []byte
+		off  int64
+		refs *atomic.Int32
+	}
+	feeds := make([]chan piece, len(sinks))
+	errs := make(chan error, len(sinks))
+	var wg sync.WaitGroup
+	for i, s := range sinks {
+		feeds[i] = make(chan piece, chunks)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var err error
+			for p := range feeds[i] {
+				if err == nil {
+					_, err = s.WriteAt(p.data, p.off)
+				}
+				if p.refs.Add(-1) == 0 {
+					pool <- p.data[:cap(p.data)]
+				}
+			}
+			errs <- err
+		}()
+	}
+	finish := func(err error) error {
+		for _, f := range feeds {
+			close(f)
+		}
+		wg.Wait()
+		close(errs)
+		for e := range errs {
+			if err == nil {
+				err = e
+			}
+		}
+		return err
+	}
+
 	var off, reported int64
 	report := func(pos int64) {
 		if pr != nil && pos > reported {
@@ -718,7 +762,7 @@ func copySparse(ctx context.Context, src *os.File, size int64, sinks []writerAt,
 	}
 	for off < size {
 		if err := ctx.Err(); err != nil {
-			return err
+			return finish(err)
 		}
 		data, err := src.Seek(off, seekData)
 		if err != nil {
@@ -726,7 +770,7 @@ func copySparse(ctx context.Context, src *os.File, size int64, sinks []writerAt,
 		}
 		hole, err := src.Seek(data, seekHole)
 		if err != nil {
-			return fmt.Errorf("seek hole in raw disk: %w", err)
+			return finish(fmt.Errorf("seek hole in raw disk: %w", err))
 		}
 		// Align to blocks; the sinks take ascending, overlapping-free data.
 		data &^= blockSize - 1
@@ -735,21 +779,28 @@ func copySparse(ctx context.Context, src *os.File, size int64, sinks []writerAt,
 		}
 		hole = min((hole+blockSize-1)&^(blockSize-1), size)
 		for pos := data; pos < hole; {
-			n := int(min(int64(len(buf)), hole-pos))
+			n := int(min(chunk, hole-pos))
+			buf := <-pool
 			if _, err := src.ReadAt(buf[:n], pos); err != nil && err != io.EOF {
-				return fmt.Errorf("read raw disk: %w", err)
+				pool <- buf
+				return finish(fmt.Errorf("read raw disk: %w", err))
 			}
-			if !isZero(buf[:n]) {
-				for _, s := range sinks {
-					if _, err := s.WriteAt(buf[:n], pos); err != nil {
-						return err
-					}
+			if isZero(buf[:n]) {
+				pool <- buf
+			} else {
+				refs := new(atomic.Int32)
+				refs.Store(int32(len(sinks)))
+				for _, f := range feeds {
+					f <- piece{buf[:n], pos, refs}
 				}
 			}
 			pos += int64(n)
 			report(pos)
 		}
 		off = hole
+	}
+	if err := finish(nil); err != nil {
+		return err
 	}
 	report(size)
 	return nil

@@ -125,7 +125,10 @@ func NewWriter(dst io.WriterAt, virtualSize int64, opts Options) (*Writer, error
 	w.pool.New = func() any { b := make([]byte, cs); return &b }
 	w.outPool.New = func() any { b := make([]byte, 0, cs+cs/8); return &b }
 	w.allocCluster() // cluster 0: the header
-	inflight := 2 * opts.Workers
+	// Enough clusters in flight that workers never idle while the caller
+	// is busy elsewhere (hashing the same data, reading the next chunk):
+	// 32 per worker is 2 MiB each at 64 KiB clusters.
+	inflight := 32 * opts.Workers
 	w.work = make(chan *job, inflight)
 	for range opts.Workers {
 		c, err := newCompressor(opts, int(cs), &w.outPool)
