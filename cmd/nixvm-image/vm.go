@@ -58,7 +58,7 @@ func bootloaderHook(opts vm.Options, log io.Writer) func(ctx context.Context, ra
 
 // printDryRun prints the QEMU command lines of the VM stage.
 func printDryRun(w io.Writer, opts vm.Options, output string, plan *partition.Plan) error {
-	p, err := vm.DryRun(opts, "."+output+".XXXX.raw", "INITRAMFS", plan)
+	p, err := vm.DryRun(opts, "DISK.raw", "INITRAMFS", plan)
 	if err != nil {
 		return err
 	}
