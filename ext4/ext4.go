@@ -38,6 +38,14 @@
 //     (fs/ext4/resize.c, ext4_convert_meta_bg). Both are tested to 64x.
 //   - The output is a function of the header sequence, the data and the
 //     Options only: the same inputs give the same bytes.
+//
+// Layout-stable rewrites: BeginUnit groups the headers that follow into a
+// named placement unit (a Nix store path, say); after Close, Placements
+// reports each unit's inodes and blocks. Passed back as Options.Previous to
+// the next Writer of the same size, units written again with the same
+// headers and data land on the same inodes and blocks, byte for byte, and
+// new units fill the free space first where dropped units were (see
+// hints.go). ReadPlacements recovers the placements from an image alone.
 package ext4
 
 import (

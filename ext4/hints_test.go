@@ -33,17 +33,18 @@ func (u unitTree) flat() []tfile {
 func pkg(name string, version int, size int64) []tfile {
 	d := "nix/store/" + name
 	v := byte(version)
+	// In NAR order (names sorted), as imagebuild writes store paths.
 	return []tfile{
 		dir(d, 0o555),
 		dir(d+"/bin", 0o555),
 		reg(d+"/bin/"+name[:4], 0o555, size, 1+v),
 		reg(d+"/bin/tool", 0o555, 10000+int64(version), 2+v),
 		hardlink(d+"/bin/tool-link", d+"/bin/tool"),
+		reg(d+"/empty", 0o444, 0, 0),
 		dir(d+"/lib", 0o555),
+		symlink(d+"/lib/far", "/nix/store/"+name+"/lib/"+fmt.Sprintf("%080d", version)),
 		reg(d+"/lib/lib.so", 0o444, 3*size/2+int64(version), 3+v),
 		symlink(d+"/lib/lib.so.1", "lib.so"),
-		symlink(d+"/lib/far", "/nix/store/"+name+"/lib/"+fmt.Sprintf("%080d", version)),
-		reg(d+"/empty", 0o444, 0, 0),
 	}
 }
 
