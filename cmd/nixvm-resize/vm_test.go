@@ -12,11 +12,16 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/nixvm-image/nixvm-image/imagebuild"
+	nixfixture "github.com/nixvm-image/nixvm-image/internal/fixture"
 	"github.com/nixvm-image/nixvm-image/internal/testutil"
 	"github.com/nixvm-image/nixvm-image/internal/vmtest"
+	"github.com/nixvm-image/nixvm-image/nixclosure"
+	"github.com/nixvm-image/nixvm-image/partition"
 )
 
 const mib = 1 << 20
@@ -70,14 +75,81 @@ type guestDisk struct {
 	whole    bool // ext4 on the whole disk, no partition table
 	table4k  bool // no table on the host: the guest writes a GPT with 4096-byte sectors
 	dm       bool // the guest mounts partition 1 through a device-mapper linear target
+	// nix, when set, is a layout: the disk is the small Nix fixture built by
+	// nixvm-image (imagebuild.Build, no boot loader) with it, copied (qcow2)
+	// or converted (raw) and grown with qemu-img resize to growTo, or to 4x
+	// its size when growTo is 0.
+	nix  partition.Layout
+	part int // the root partition's number; 0 means 1
 
 	path      string
 	partStart int64 // bytes
 	hash      [32]byte
 }
 
+// rootPart is the number of the partition the guest mounts.
+func (g *guestDisk) rootPart() int {
+	if g.part == 0 {
+		return 1
+	}
+	return g.part
+}
+
+var (
+	nixImagesMu sync.Mutex
+	nixImages   = map[partition.Layout]*imagebuild.Result{}
+)
+
+// nixImage builds the small Nix fixture with nixvm-image's builder (qcow2, no
+// boot loader) once per layout and test process.
+func nixImage(t *testing.T, layout partition.Layout) *imagebuild.Result {
+	t.Helper()
+	nixImagesMu.Lock()
+	defer nixImagesMu.Unlock()
+	if r := nixImages[layout]; r != nil {
+		return r
+	}
+	fx := nixfixture.Build(t, "small")
+	ctx := context.Background()
+	c, err := nixclosure.FromToplevel(ctx, fx.Toplevel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := os.MkdirTemp("", "nixvm-resize-image-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Not t.TempDir: the cache outlives the test that built it.
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	r, err := imagebuild.Build(ctx, imagebuild.Options{
+		Closure:  c,
+		Toplevel: fx.Toplevel,
+		Output:   filepath.Join(dir, string(layout)+".qcow2"),
+		Layout:   layout,
+	})
+	if err != nil {
+		t.Fatalf("nixvm-image build --layout %s: %v", layout, err)
+	}
+	nixImages[layout] = r
+	return r
+}
+
 func (g *guestDisk) create(t *testing.T, dir string) {
 	t.Helper()
+	if g.nix != "" {
+		img := nixImage(t, g.nix)
+		if g.growTo == 0 {
+			g.growTo = 4 * img.DiskSize
+		}
+		g.path = filepath.Join(dir, g.name+"."+g.format)
+		if g.format == "qcow2" {
+			sh(t, "", "cp", "--sparse=always", img.Output, g.path)
+		} else {
+			sh(t, "", "qemu-img", "convert", "-f", "qcow2", "-O", "raw", img.Output, g.path)
+		}
+		sh(t, "", "qemu-img", "resize", "-q", "-f", g.format, g.path, fmt.Sprint(g.growTo))
+		return
+	}
 	raw := filepath.Join(dir, g.name+".raw")
 	if err := os.WriteFile(raw, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -221,9 +293,10 @@ serial2dev() {
 		if [ "$s" = "$1" ]; then echo ${b##*/}; return; fi
 	done
 }
-part1() {
+part1() { partn $1 1; }
+partn() {
 	for p in /sys/block/$1/*/partition; do
-		if [ "$(cat $p)" = 1 ]; then p=${p%/partition}; echo ${p##*/}; return; fi
+		if [ "$(cat $p)" = $2 ]; then p=${p%/partition}; echo ${p##*/}; return; fi
 	done
 }
 run_case() {
@@ -268,6 +341,13 @@ func TestGuest(t *testing.T) {
 		// A 4Kn disk: the guest's sfdisk writes a GPT in 4096-byte sectors
 		// (Debian 12's sfdisk cannot do that on a file).
 		{name: "4k", table4k: true, sizeMiB: 256, format: "raw", iface: "virtio"},
+		// Images built by nixvm-image from the small Nix fixture, grown
+		// with qemu-img resize: 4x (qcow2), and MBR to 3 TiB (sparse raw;
+		// the root ext4 has no reserved GDT blocks, so the kernel converts
+		// it to meta_bg online).
+		{name: "nixlegacy", nix: partition.Legacy, label: "dos", format: "qcow2", iface: "virtio"},
+		{name: "nixefi", nix: partition.EFI, part: 2, label: "gpt", format: "qcow2", iface: "virtio"},
+		{name: "nixlegacy3t", nix: partition.Legacy, label: "dos", growTo: 3 << 40, format: "raw", iface: "virtio"},
 	}
 	var script strings.Builder
 	script.WriteString(guestCaseScript)
@@ -298,7 +378,7 @@ func TestGuest(t *testing.T) {
 				"run_case %s /dev/$(ls /sys/block/$disk/$p/holders)\n"+
 				"PATH=/opt/host/bin:$PATH dmsetup remove --noudevsync nixvmdm\n", g.name)
 		default:
-			fmt.Fprintf(&script, "run_case %s /dev/$(part1 $disk)\n", g.name)
+			fmt.Fprintf(&script, "run_case %s /dev/$(partn $disk %d)\n", g.name, g.rootPart())
 		}
 		vmDisks = append(vmDisks, vd)
 	}
@@ -327,7 +407,7 @@ func TestGuest(t *testing.T) {
 		}
 	})
 	t0 := time.Now()
-	out, err := vmtest.Run(context.Background(), cfg, 4*time.Minute)
+	out, err := vmtest.Run(context.Background(), cfg, 6*time.Minute)
 	t.Logf("guest ran %s; serial output:\n%s", time.Since(t0).Round(time.Millisecond), out)
 	if err != nil {
 		t.Fatal(err)
@@ -392,7 +472,7 @@ func TestGuest(t *testing.T) {
 				}
 				return
 			}
-			start, size := sfdiskPart(t, raw, 1)
+			start, size := sfdiskPart(t, raw, g.rootPart())
 			sectors := g.growTo / 512
 			wantEnd := (sectors-33)/2048*2048 - 1 // GPT: 1 MiB-aligned, before the backup
 			if g.label == "dos" {
@@ -405,6 +485,9 @@ func TestGuest(t *testing.T) {
 				if v := sh(t, "", "sgdisk", "-v", raw); !strings.Contains(v, "No problems found") {
 					t.Errorf("sgdisk -v:\n%s", v)
 				}
+			}
+			if g.nix != "" {
+				sh(t, "", "sfdisk", "--verify", raw) // exits non-zero on a problem
 			}
 			// df's size is the file system minus its overhead; it must be
 			// within 5% of the partition.
