@@ -69,11 +69,25 @@ func (o *buildOptions) AddFlags(fs *pflag.FlagSet) {
 func init() {
 	register(&command{
 		name:    "build",
-		summary: "build a NixOS disk image from a system closure",
-		usage:   "--toplevel PATH | --closure FILE  -o IMAGE [flags]",
+		summary: "build a bootable NixOS disk image from a configuration or a system closure",
+		usage:   "CONFIG.nix | --flake FLAKE#NAME | --toplevel PATH | --closure FILE  -o IMAGE [flags]",
 		help: `Writes a deterministic disk image holding the closure, its Nix database and the
-system profile, without root, loop devices, KVM or a VM. The same closure gives the
-same bytes (timestamps come from SOURCE_DATE_EPOCH, default 1).
+system profile, without root or loop devices. The same closure gives the same bytes
+(timestamps come from SOURCE_DATE_EPOCH, default 1).
+
+CONFIG.nix is built with your own Nix as NixOS (nix-build '<nixpkgs/nixos>' on your
+NIX_PATH), FLAKE#NAME as nixosConfigurations.NAME (nix build); the build adds its
+module (root by label, GRUB on /dev/vda or systemd-boot for --layout efi, virtio
+modules in the initrd, the first-boot nixvm-resize unit).
+
+The boot loader is installed by the system itself: a throwaway QEMU VM boots the
+system's kernel (or --kernel/--modules) with nixvm-image as its /init, mounts the
+image and runs NIXOS_INSTALL_BOOTLOADER=1 switch-to-configuration boot in a chroot.
+Its output is shown prefixed "guest: ". --accel auto tries KVM and falls back to
+TCG when the guest does not start within 10s; --dry-run prints QEMU's command line;
+--no-bootloader skips the VM (images for direct kernel boot). The /init is this
+executable, which must be static (CGO_ENABLED=0, as make build makes it), or
+--vm-init. Times the guest writes are clamped to SOURCE_DATE_EPOCH afterwards.
 
 The root file system is ext4 labelled "nixos". Beside IMAGE the build writes
 IMAGE.manifest, the 4 KiB block hashes that push uses to send only what a host lacks,
@@ -82,9 +96,11 @@ default the manifest of the output it replaces) keeps every store path that OLD 
 where it was, so pushing the new image sends little more than the changed paths.
 
 Examples:
+  nixvm-image build baseline.nix -o baseline.qcow2
+  nixvm-image build --flake .#baseline -o baseline.qcow2 --layout efi
   nixvm-image build --toplevel /nix/store/…-nixos-system-baseline -o baseline.qcow2
   nixvm-image build --closure ./closure -o baseline.qcow2 --layout efi
-  nixvm-image build --toplevel "$(nix-build '<nixpkgs/nixos>' -A system)" -o vm.raw --format raw
+  nixvm-image build --toplevel "$(nix-build '<nixpkgs/nixos>' -A system)" -o vm.raw --format raw --no-bootloader
 
 With --closure, the system is the closure's one root (the path no other path
 references); name it with --toplevel when the file describes several roots.`,
