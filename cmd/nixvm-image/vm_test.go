@@ -221,7 +221,7 @@ func TestVMStageEFI(t *testing.T) {
 // TestBuildConfigNix runs `build CONFIG.nix` through the real nix-build with a
 // fake <nixpkgs/nixos> on NIX_PATH (testdata/nixpkgs), which refuses
 // configurations without nix/guest.nix's settings and builds the bootable
-// fixture.
+// fixture; and `build --flake` through the real nix build.
 func TestBuildConfigNix(t *testing.T) {
 	needVM(t)
 	testutil.NeedTool(t, "nix-build")
@@ -266,6 +266,19 @@ func TestBuildConfigNix(t *testing.T) {
 	}
 	if _, err := os.Stat(dry); err == nil {
 		t.Error("--dry-run wrote the image")
+	}
+
+	// --flake: nix build of nixosConfigurations.baseline, extended with the
+	// module (a dry run: the VM stage is the same as above).
+	testutil.NeedTool(t, "nix")
+	t.Setenv("NIXVM_FAKE_NIXPKGS", filepath.Join(testdata, "nixpkgs"))
+	top := nixfixture.Bootable(t, "ok")
+	stdout, stderr, code = run(t, "build", "--flake", filepath.Join(testdata, "vm", "flake")+"#baseline", "-o", dry, "--dry-run", "--accel", "tcg")
+	if code != 0 {
+		t.Fatalf("--flake --dry-run: exit %d\n%s", code, stderr)
+	}
+	if !strings.Contains(stderr, "extendModules") || !strings.Contains(stdout, "-kernel "+top+"/kernel") {
+		t.Errorf("--flake: want nix build with extendModules and the fixture's kernel\nstdout:\n%s\nstderr:\n%s", stdout, stderr)
 	}
 
 	// A configuration whose switch-to-configuration fails.
