@@ -92,23 +92,39 @@ func guest() (code int, err error) {
 			return 0, err
 		}
 		dir := target + "/boot"
-		if err := mkdirIfMissing(dir); err != nil {
+		if err := mkdirIfMissing(dir, 0o755); err != nil {
 			return 0, err
 		}
-		// utf8,shortname=mixed as NixOS mounts /boot? The kernel's defaults,
-		// with the timezone pinned so FAT times follow the RTC.
+		// The kernel's defaults, with the time zone pinned: FAT stores
+		// local time.
 		if err := unix.Mount(cfg.ESP, dir, "vfat", unix.MS_NOATIME, "tz=UTC"); err != nil {
 			return 0, fmt.Errorf("mount the ESP %s on /boot: %w", cfg.ESP, err)
 		}
 		mounted = append(mounted, dir)
 	}
-	for _, d := range []string{"/dev", "/proc", "/sys"} {
-		dst := target + d
-		if err := mkdirIfMissing(dst); err != nil {
+	// As nixos-enter: the guest's /dev, /proc and /sys bound, and empty
+	// tmpfs on /run (switch-to-configuration's lock) and /tmp.
+	for _, m := range []struct {
+		src, dir, fs string
+		flags        uintptr
+		mode         uint32
+	}{
+		{"/dev", "/dev", "", unix.MS_BIND | unix.MS_REC, 0o755},
+		{"/proc", "/proc", "", unix.MS_BIND | unix.MS_REC, 0o555},
+		{"/sys", "/sys", "", unix.MS_BIND | unix.MS_REC, 0o555},
+		{"tmpfs", "/run", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, 0o755},
+		{"tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, 0o1777},
+	} {
+		dst := target + m.dir
+		if err := mkdirIfMissing(dst, m.mode); err != nil {
 			return 0, err
 		}
-		if err := unix.Mount(d, dst, "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-			return 0, fmt.Errorf("bind %s: %w", d, err)
+		data := ""
+		if m.fs == "tmpfs" {
+			data = fmt.Sprintf("mode=%o", m.mode)
+		}
+		if err := unix.Mount(m.src, dst, m.fs, m.flags, data); err != nil {
+			return 0, fmt.Errorf("mount %s on %s: %w", m.src, m.dir, err)
 		}
 		mounted = append(mounted, dst)
 	}
@@ -147,7 +163,7 @@ func loadModule(path string) error {
 	}
 	defer f.Close()
 	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("load module %s: %w", filepath.Base(path), err)
+		return fmt.Errorf("load module %s: %w (do the kernel and its modules match? see --kernel and --modules)", filepath.Base(path), err)
 	}
 	return nil
 }
@@ -165,11 +181,16 @@ func waitFor(dev string, d time.Duration) error {
 	}
 }
 
-func mkdirIfMissing(dir string) error {
-	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+// mkdirIfMissing makes a mount point in the image with mode (the umask
+// does not apply: the mode is what a NixOS system has).
+func mkdirIfMissing(dir string, mode uint32) error {
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return nil
+		}
 		return err
 	}
-	return nil
+	return unix.Chmod(dir, mode)
 }
 
 func unmount(dir string) error {

@@ -46,6 +46,7 @@ var Env = []string{
 	"PATH=/nix/var/nix/profiles/system/sw/bin:/nix/var/nix/profiles/system/sw/sbin",
 	"HOME=/",
 	"LANG=C.UTF-8",
+	"LOCALE_ARCHIVE=/nix/var/nix/profiles/system/sw/lib/locale/locale-archive",
 }
 
 // moduleNames are the modules the guest needs to mount the image; the ones
