@@ -59,6 +59,7 @@ type Options struct {
 	ESPSize     int64            // default partition.DefaultESPSize
 	Format      Format           // default qcow2
 	Compression qcow.Compression // default zstd
+	Level       int              // compression level; 0 is the codec's default (zstd 3, as QEMU)
 	Workers     int              // default GOMAXPROCS; output bytes do not depend on it
 	Epoch       int64            // timestamps outside the store (SOURCE_DATE_EPOCH); default 1, Nix's store mtime
 
@@ -309,7 +310,7 @@ func (b *builder) run() (*Result, error) {
 			return nil, err
 		}
 		defer out.Close()
-		qw, err = qcow.NewWriter(out, plan.DiskSize, qcow.Options{Compression: o.Compression, Workers: o.Workers})
+		qw, err = qcow.NewWriter(out, plan.DiskSize, qcow.Options{Compression: o.Compression, Level: o.Level, Workers: o.Workers})
 		if err != nil {
 			return nil, err
 		}
