@@ -159,6 +159,26 @@ func TestBuildPrevious(t *testing.T) {
 			t.Errorf("--previous none: digest %x, want %x (fresh)", m.Digest, mf.Digest)
 		}
 	})
+	t.Run("image only", func(t *testing.T) {
+		// Without its manifest, the previous image's own file system gives
+		// the layout: the same store paths keep their blocks.
+		only := filepath.Join(t.TempDir(), "only.raw")
+		b, err := os.ReadFile(g1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(only, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out := filepath.Join(t.TempDir(), "g2.raw")
+		m := buildRaw(t, fx2, out, "--previous", only)
+		mustRun(t, e2fsck, "-fn", rootOf(t, out, m))
+		d := len(manifest.Diff(m1, m))
+		t.Logf("from the image alone: %d blocks differ from generation 1 (%d with its manifest)", d, diff)
+		if d > bound {
+			t.Errorf("%d blocks differ from generation 1, want at most %d", d, bound)
+		}
+	})
 	t.Run("too small", func(t *testing.T) {
 		// A previous disk just big enough for glibc alone cannot hold
 		// generation 2: the build says so, then lays out afresh.
