@@ -62,7 +62,7 @@ func (b *builder) loadPrevious() error {
 		// An image: its manifest beside it, else its own metadata.
 		mf, err := os.Open(ManifestPath(p))
 		if err != nil {
-			l, rerr := layoutFromImage(f)
+			l, rerr := b.layoutFromImage(f)
 			if rerr != nil {
 				return fmt.Errorf("%w: --previous %s has no manifest beside it (%s) and its file system could not be read: %w; pass --previous none to lay out afresh", ErrPrevious, p, ManifestPath(p), rerr)
 			}
