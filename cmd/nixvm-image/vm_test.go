@@ -130,15 +130,16 @@ func partitions(t *testing.T, raw string) (root, esp partition.Extent) {
 }
 
 // checkFileSystems runs e2fsck -fn on the root file system of a qcow2 image
-// and fsck.vfat -n on its ESP.
-func checkFileSystems(t *testing.T, img string) {
+// and fsck.vfat -n on its ESP, and returns the root file system's image.
+func checkFileSystems(t *testing.T, img string) string {
 	t.Helper()
 	tools := testutil.NeedTool(t, "qemu-img", "e2fsck", "fsck.vfat")
 	mustRun(t, tools[0], "check", img)
 	raw := filepath.Join(t.TempDir(), "disk.raw")
 	mustRun(t, tools[0], "convert", "-O", "raw", img, raw)
 	root, esp := partitions(t, raw)
-	if out, err := exec.Command(tools[1], "-fn", partitionFile(t, raw, root)).CombinedOutput(); err != nil {
+	rootImg := partitionFile(t, raw, root)
+	if out, err := exec.Command(tools[1], "-fn", rootImg).CombinedOutput(); err != nil {
 		t.Fatalf("e2fsck -fn on the root file system after the VM stage: %v\n%s", err, out)
 	}
 	if esp.Size > 0 {
@@ -146,6 +147,7 @@ func checkFileSystems(t *testing.T, img string) {
 			t.Fatalf("fsck.vfat -n on the ESP after the VM stage: %v\n%s", err, out)
 		}
 	}
+	return rootImg
 }
 
 // TestVMStageLegacy builds the bootable fixture with --accel auto (on hosts
@@ -176,7 +178,16 @@ func TestVMStageLegacy(t *testing.T) {
 	if n := strings.Count(stderr, "falling back to TCG"); n > 1 {
 		t.Errorf("the TCG fallback is reported %d times, want at most once", n)
 	}
-	checkFileSystems(t, img)
+	rootImg := checkFileSystems(t, img)
+	// grub.cfg as NixOS writes it: entries pointing into /nix/store.
+	debugfs := testutil.NeedTool(t, "debugfs")[0]
+	cfg := mustRun(t, debugfs, "-R", "cat /boot/grub/grub.cfg", rootImg)
+	kernel, _ := filepath.EvalSymlinks(filepath.Join(top, "kernel"))
+	for _, w := range []string{"linux ($drive1)" + kernel + " init=" + top + "/init", "initrd ($drive1)/nix/store/"} {
+		if !strings.Contains(cfg, w) {
+			t.Errorf("grub.cfg lacks %q:\n%s", w, cfg)
+		}
+	}
 	out := bootMarker(t, img, false)
 	if !strings.Contains(out, "initrd: root /dev/vda1, init "+top+"/init") {
 		t.Errorf("GRUB's entry did not boot %s/init from the root file system:\n%s", top, tail(out, 2000))
