@@ -28,8 +28,8 @@ const tailLines = 40
 
 // boot runs QEMU once. probe > 0 kills it when the start marker has not
 // arrived after probe (errProbe). Guest output goes to log, prefixed.
-func boot(ctx context.Context, argv []string, log io.Writer, timeout, probe time.Duration) (*outcome, error) {
-	ctx, cancel := context.WithCancel(ctx)
+func boot(parent context.Context, argv []string, log io.Writer, timeout, probe time.Duration) (*outcome, error) {
+	ctx, cancel := context.WithCancel(parent)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	pr, pw := io.Pipe()
@@ -97,6 +97,7 @@ func boot(ctx context.Context, argv []string, log io.Writer, timeout, probe time
 	defer timer.Stop()
 	var reason error
 	var err error
+	parentDone := parent.Done()
 loop:
 	for {
 		select {
@@ -112,10 +113,12 @@ loop:
 		case <-timer.C:
 			reason = ErrTimeout
 			cancel()
-		case <-ctx.Done():
+		case <-parentDone:
+			parentDone = nil
 			if reason == nil {
-				reason = ctx.Err()
+				reason = parent.Err()
 			}
+			cancel()
 		}
 	}
 	<-done

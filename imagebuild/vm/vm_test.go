@@ -484,3 +484,29 @@ func copyRange(t *testing.T, src, dst string, off, n int64) {
 		t.Fatal(err)
 	}
 }
+
+// TestStageCancel: cancelling the build kills the guest at once.
+func TestStageCancel(t *testing.T) {
+	bb := testutil.NeedTool(t, "busybox")[0]
+	mods := t.TempDir()
+	os.MkdirAll(filepath.Join(mods, "k"), 0o755)
+	var dep strings.Builder
+	for _, n := range []string{"virtio_pci", "virtio_blk", "ext4"} {
+		os.WriteFile(filepath.Join(mods, "k", n+".ko"), []byte(n), 0o644)
+		dep.WriteString("k/" + n + ".ko:\n")
+	}
+	os.WriteFile(filepath.Join(mods, "modules.dep"), []byte(dep.String()), 0o644)
+	kernel := filepath.Join(t.TempDir(), "bzImage")
+	os.WriteFile(kernel, []byte("kernel"), 0o644)
+	disk, plan := testDisk(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(500*time.Millisecond, cancel)
+	start := time.Now()
+	_, err := Stage(ctx, Options{Kernel: kernel, Modules: mods, Init: bb, QEMU: fakeQEMU(t, "hang"), Accel: AccelTCG, Timeout: time.Minute}, disk, plan)
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("got %v, want context.Canceled", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("cancel took %s", d)
+	}
+}
