@@ -3,7 +3,9 @@
 #   make build   static binaries in bin/ (CGO_ENABLED=0, -trimpath)
 #   make test    install test dependencies (root, Debian 12), go vet, go test
 #   make bench   the build benchmark (scripts/bench; results in bench-out/)
-#   make demo    build the small Nix fixture into demo/demo.qcow2 and show it
+#   make demo    build a bootable NixOS-shaped system with Nix, build demo/demo.qcow2
+#                from it (bootloader installed by the VM stage), show what it holds,
+#                then boot it on a 4x larger disk and watch nixvm-resize grow /
 #
 # Tests that need a reference tool skip without it on a laptop; .ci/run sets
 # NIXVM_TEST_DISALLOW_SKIP=1, which turns every such skip into a failure.
@@ -33,9 +35,10 @@ bench: deps build
 
 demo: deps build
 	mkdir -p demo
-	nix-build testdata/fixture/small.nix $(NIX_FLAGS) --out-link demo/fixture
-	bin/nixvm-image build --toplevel "$$(readlink demo/fixture/toplevel)" -o demo/demo.qcow2 --force
+	nix-build testdata/fixture/bootable-resize.nix $(NIX_FLAGS) --argstr resize "$(CURDIR)/bin/nixvm-resize" --out-link demo/system
+	bin/nixvm-image build --toplevel "$$(readlink demo/system)" -o demo/demo.qcow2 --force
 	scripts/show-image demo/demo.qcow2
+	scripts/demo-boot demo/demo.qcow2
 
 clean:
 	rm -rf bin demo bench-out
