@@ -30,8 +30,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/klauspost/compress/zstd"
 	"github.com/nixvm-image/nixvm-image/cpio"
+	"github.com/nixvm-image/nixvm-image/imagebuild/vm"
 	"github.com/nixvm-image/nixvm-image/internal/testutil"
 )
 
@@ -108,17 +108,7 @@ func Cmdline(cfg Config) []string {
 }
 
 // ShellQuote renders argv as a command line a shell runs unchanged.
-func ShellQuote(argv []string) string {
-	q := make([]string, len(argv))
-	for i, a := range argv {
-		if a != "" && strings.Trim(a, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_=/.,:+@") == "" {
-			q[i] = a
-		} else {
-			q[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
-		}
-	}
-	return strings.Join(q, " ")
-}
+func ShellQuote(argv []string) string { return vm.ShellQuote(argv) }
 
 // Kernel finds the kernel to boot and its release: NIXVM_VMTEST_KERNEL, else
 // the newest /boot/vmlinuz-* that has a /lib/modules directory. It skips the
@@ -143,109 +133,14 @@ func Kernel(t testing.TB) (path, release string) {
 	return "", ""
 }
 
-// Module is a kernel module ready for the initramfs.
-type Module struct {
-	Name string // file name in the initramfs, e.g. "virtio_blk.ko"
-	Data []byte // uncompressed
-}
+// Module is a kernel module ready for the initramfs (the VM stage's type).
+type Module = vm.Module
 
 // Modules resolves names (e.g. "virtio_blk", "ext4") with their dependencies
-// through modulesDir/modules.dep and returns them in load order (each
-// module after its dependencies). Names may use '-' or '_'. Modules built
-// into the kernel (listed in modules.builtin) are skipped.
+// through modulesDir/modules.dep, in load order, decompressed: the VM stage's
+// resolver, so tests boot with exactly what builds boot with.
 func Modules(modulesDir string, names ...string) ([]Module, error) {
-	dep, err := os.ReadFile(filepath.Join(modulesDir, "modules.dep"))
-	if err != nil {
-		return nil, fmt.Errorf("vmtest: %w", err)
-	}
-	norm := func(s string) string { return strings.ReplaceAll(s, "-", "_") }
-	modName := func(p string) string {
-		b := filepath.Base(p)
-		return norm(b[:strings.Index(b, ".ko")])
-	}
-	paths := map[string]string{}
-	deps := map[string][]string{}
-	for _, line := range strings.Split(string(dep), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		n := modName(k)
-		paths[n] = k
-		deps[n] = strings.Fields(v)
-	}
-	builtin := map[string]bool{}
-	if b, err := os.ReadFile(filepath.Join(modulesDir, "modules.builtin")); err == nil {
-		for _, l := range strings.Fields(string(b)) {
-			builtin[modName(l)] = true
-		}
-	}
-	var order []string
-	seen := map[string]bool{}
-	var visit func(n string, from string) error
-	visit = func(n, from string) error {
-		if seen[n] {
-			return nil
-		}
-		seen[n] = true
-		if _, ok := paths[n]; !ok {
-			if builtin[n] {
-				return nil
-			}
-			return fmt.Errorf("vmtest: module %s%s not in %s/modules.dep nor modules.builtin", n, from, modulesDir)
-		}
-		for _, d := range deps[n] {
-			if err := visit(modName(d), " (needed by "+n+")"); err != nil {
-				return err
-			}
-		}
-		order = append(order, n)
-		return nil
-	}
-	for _, n := range names {
-		if err := visit(norm(n), ""); err != nil {
-			return nil, err
-		}
-	}
-	var mods []Module
-	for _, n := range order {
-		data, err := readModule(filepath.Join(modulesDir, paths[n]))
-		if err != nil {
-			return nil, err
-		}
-		mods = append(mods, Module{Name: n + ".ko", Data: data})
-	}
-	return mods, nil
-}
-
-func readModule(path string) ([]byte, error) {
-	switch {
-	case strings.HasSuffix(path, ".ko.zst"):
-		f, err := os.Open(path)
-		if err != nil {
-			return nil, err
-		}
-		defer f.Close()
-		d, err := zstd.NewReader(f)
-		if err != nil {
-			return nil, err
-		}
-		defer d.Close()
-		return io.ReadAll(d)
-	case strings.HasSuffix(path, ".ko.xz"):
-		// No xz decoder among our dependencies: use the tool.
-		cmd := exec.Command("xz", "-dc", path)
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			return nil, fmt.Errorf("vmtest: xz -dc %s: %v: %s", path, err, stderr.Bytes())
-		}
-		return out, nil
-	case strings.HasSuffix(path, ".ko.gz"):
-		return nil, fmt.Errorf("vmtest: %s: gzip-compressed modules are not supported", path)
-	}
-	return os.ReadFile(path)
+	return vm.Modules(modulesDir, names, nil)
 }
 
 // File is a host file or literal content placed in the initramfs.
