@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"github.com/nixvm-image/nixvm-image/internal/units"
 	"io"
 	"os"
 	"path"
@@ -219,7 +220,7 @@ func (b *builder) run() (*Result, error) {
 		b.trees = append(b.trees, t)
 	}
 	s := b.scan
-	b.logf("scanned %d store paths: %d files, %s of data (%s)", len(c.Paths), s.files, humanBytes(s.bytes), since(t0))
+	b.logf("scanned %d store paths: %d files, %s of data (%s)", len(c.Paths), s.files, units.Bytes(s.bytes), since(t0))
 
 	// 2. Plan sizes. The database is written after the store (it needs the
 	// NAR hashes); budget generously for it.
@@ -252,7 +253,7 @@ func (b *builder) run() (*Result, error) {
 			return nil, err
 		}
 		if o.Size < minPlan.DiskSize {
-			return nil, fmt.Errorf("%w: --size %s is too small for this closure (needs at least %s); use --size auto", ErrTooSmall, humanBytes(o.Size), humanBytes(minPlan.DiskSize))
+			return nil, fmt.Errorf("%w: --size %s is too small for this closure (needs at least %s); use --size auto", ErrTooSmall, units.Bytes(o.Size), units.Bytes(minPlan.DiskSize))
 		}
 		plan, err = partition.NewPlan(o.Layout, o.Size-(minPlan.DiskSize-minPlan.Root.Size), o.ESPSize)
 		if err != nil {
@@ -268,7 +269,7 @@ func (b *builder) run() (*Result, error) {
 	if plan, err = b.keepPlan(plan, minFS); err != nil {
 		return nil, err
 	}
-	b.logf("layout %s: disk %s, root file system %s at offset %s", o.Layout, humanBytes(plan.DiskSize), humanBytes(plan.Root.Size), humanBytes(plan.Root.Start))
+	b.logf("layout %s: disk %s, root file system %s at offset %s", o.Layout, units.Bytes(plan.DiskSize), units.Bytes(plan.Root.Size), units.Bytes(plan.Root.Start))
 
 	// 3. The raw disk.
 	raw, err := b.tempFile(".raw")
@@ -290,7 +291,7 @@ func (b *builder) run() (*Result, error) {
 			return nil, err
 		}
 	}
-	b.logf("wrote the root file system: %s of files, NAR hashes checked (%s)", humanBytes(s.bytes), since(t0))
+	b.logf("wrote the root file system: %s of files, NAR hashes checked (%s)", units.Bytes(s.bytes), since(t0))
 	if o.Bootloader != nil {
 		if err := o.Bootloader(b.ctx, raw, plan); err != nil {
 			return nil, err
@@ -809,17 +810,4 @@ func copySparse(ctx context.Context, src *os.File, size int64, sinks []writerAt,
 
 func isZero(b []byte) bool {
 	return len(b) == 0 || (b[0] == 0 && bytes.Equal(b[:len(b)-1], b[1:]))
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

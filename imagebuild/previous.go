@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/nixvm-image/nixvm-image/internal/units"
 	"io"
 	"os"
 	"path"
@@ -112,17 +113,17 @@ func (b *builder) keepPlan(plan *partition.Plan, minFS int64) (*partition.Plan, 
 		return plan, nil
 	}
 	if minFS > l.RootSize {
-		return afresh("free space runs short: the previous root file system has %s, this closure needs at least %s (the new disk is %s)", humanBytes(l.RootSize), humanBytes(minFS), humanBytes(plan.DiskSize))
+		return afresh("free space runs short: the previous root file system has %s, this closure needs at least %s (the new disk is %s)", units.Bytes(l.RootSize), units.Bytes(minFS), units.Bytes(plan.DiskSize))
 	}
 	kept, err := partition.NewPlan(b.opts.Layout, l.RootSize, b.opts.ESPSize)
 	if err != nil {
 		return afresh("%v", err)
 	}
 	if kept.Root.Start != l.RootOffset || kept.Root.Size != l.RootSize {
-		return afresh("the previous root file system (%s at offset %s) does not match --layout %s (%s at offset %s)", humanBytes(l.RootSize), humanBytes(l.RootOffset), b.opts.Layout, humanBytes(kept.Root.Size), humanBytes(kept.Root.Start))
+		return afresh("the previous root file system (%s at offset %s) does not match --layout %s (%s at offset %s)", units.Bytes(l.RootSize), units.Bytes(l.RootOffset), b.opts.Layout, units.Bytes(kept.Root.Size), units.Bytes(kept.Root.Start))
 	}
 	if b.opts.Size != 0 && kept.DiskSize != b.opts.Size {
-		return afresh("--size %s differs from the previous disk (%s)", humanBytes(b.opts.Size), humanBytes(kept.DiskSize))
+		return afresh("--size %s differs from the previous disk (%s)", units.Bytes(b.opts.Size), units.Bytes(kept.DiskSize))
 	}
 	if err := b.ext4Options(l.RootSize).Validate(); err != nil {
 		return afresh("its layout map does not fit its file system: %v", err)

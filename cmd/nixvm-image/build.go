@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/nixvm-image/nixvm-image/internal/units"
 	"os"
 	"strconv"
 	"strings"
@@ -263,7 +264,7 @@ func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) er
 	if !o.quiet {
 		secs := res.Duration.Seconds()
 		fmt.Fprintf(c.Stdout, "built %s: %d store paths, %s of files, disk %s, output %s, digest %x, in %.1fs (%.0f MB/s)\n",
-			res.Output, res.Paths, human(res.NarBytes), human(res.DiskSize), human(res.OutputSize), res.Digest[:8], secs, float64(res.NarBytes)/1e6/max(secs, 1e-3))
+			res.Output, res.Paths, units.Bytes(res.NarBytes), units.Bytes(res.DiskSize), units.Bytes(res.OutputSize), res.Digest[:8], secs, float64(res.NarBytes)/1e6/max(secs, 1e-3))
 	}
 	return nil
 }
@@ -371,17 +372,4 @@ func parseSize(s string) (int64, error) {
 		return 0, errors.New("not a positive size")
 	}
 	return int64(f * float64(mult)), nil
-}
-
-func human(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"github.com/nixvm-image/nixvm-image/internal/units"
 	"io"
 	"sync"
 	"time"
@@ -58,7 +59,7 @@ func (p *progress) Add(n int64) {
 		if p.total > 0 {
 			pct = 100 * float64(p.done) / float64(p.total)
 		}
-		fmt.Fprintf(p.w, "%s: %s of %s (%.0f%%)\n", p.name, human(p.done), human(p.total), pct)
+		fmt.Fprintf(p.w, "%s: %s of %s (%.0f%%)\n", p.name, units.Bytes(p.done), units.Bytes(p.total), pct)
 	}
 }
 
