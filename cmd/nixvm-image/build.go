@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"github.com/nixvm-image/nixvm-image/internal/units"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -303,6 +304,12 @@ func loadClosure(ctx context.Context, file, toplevel string) (*nixclosure.Closur
 		}
 	} else {
 		toplevel = strings.TrimRight(toplevel, "/")
+		// A GC root such as ./result names the system through symlinks.
+		if !strings.HasPrefix(toplevel, nixclosure.DefaultStoreDir+"/") {
+			if r, err := filepath.EvalSymlinks(toplevel); err == nil && strings.HasPrefix(r, nixclosure.DefaultStoreDir+"/") {
+				toplevel = r
+			}
+		}
 		c, err = nixclosure.FromToplevel(ctx, toplevel)
 		if err != nil {
 			return nil, "", fmt.Errorf("--toplevel %s: %w", toplevel, err)

@@ -304,6 +304,18 @@ func TestBuildClosureForms(t *testing.T) {
 	if sum(1) != sha256File(t, top) {
 		t.Errorf("--closure of nix-store --dump-db and --toplevel give different images")
 	}
+	// --toplevel through a GC root (./result) is the same system.
+	link := filepath.Join(dir, "result")
+	if err := os.Symlink(fx.Toplevel, link); err != nil {
+		t.Fatal(err)
+	}
+	viaLink := filepath.Join(dir, "via-link.qcow2")
+	if _, stderr, code := run(t, "build", "--quiet", "--no-bootloader", "--toplevel", link, "-o", viaLink); code != 0 {
+		t.Fatalf("--toplevel through a symlink: exit %d: %s", code, stderr)
+	}
+	if sha256File(t, viaLink) != sha256File(t, top) {
+		t.Errorf("--toplevel through a symlink gives a different image")
+	}
 }
 
 // TestDeterministic builds twice as separate processes with a different
