@@ -8,8 +8,11 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"testing"
+
+	"github.com/klauspost/compress/zstd"
 )
 
 // fuzzSeeds are well-formed sessions: a sender's stream and a host's answer.
@@ -39,11 +42,24 @@ func fuzzSeeds() [][]byte {
 	seeds = append(seeds, frames(func(fw *frameWriter) {
 		fw.frame(frameHello, (&hello{Version: Version, Op: opList}).encode(&e))
 	}))
+	// A push hello listing cached generations, then a literal.
+	zenc, _ := zstd.NewWriter(nil)
+	defer zenc.Close()
+	hk := &hello{Version: Version, Op: opPush, Name: "b", VirtualSize: 2 * BlockSize, Known: [][32]byte{{1, 2, 3}, {4}}}
+	seeds = append(seeds, frames(
+		func(fw *frameWriter) { fw.frame(frameHello, hk.encode(&e)) },
+		func(fw *frameWriter) {
+			fw.frame(frameLiteral, (&op{Type: frameLiteral, Start: 0, Count: 2, Data: zenc.EncodeAll(make([]byte, 2*BlockSize), nil)}).encode(&e))
+		},
+		func(fw *frameWriter) { fw.frame(frameEnd, e.reset()) },
+	))
 	seeds = append(seeds, frames(
 		func(fw *frameWriter) {
 			fw.frame(frameReply, (&reply{Version: Version, Gens: []Generation{{Name: "b", VirtualSize: 4096, Current: true, Path: "/x"}}, Resume: 1, Index: true}).encode(&e))
 		},
-		func(fw *frameWriter) { fw.frame(frameIndex, encodeIndex(&e, 1, []indexEntry{{0, 1}, {5, 2}})) },
+		func(fw *frameWriter) {
+			fw.frame(frameIndex, encodeIndex(&e, 1, []indexEntry{{0, 1}, {5, 2}, {6, 0xdeadbeef}, {7, 4}, {100, 5}}))
+		},
 		func(fw *frameWriter) { fw.frame(frameIndexEnd, e.reset()) },
 		func(fw *frameWriter) { fw.frame(frameResult, (&result{Missing: []run{{1, 2}}}).encode(&e)) },
 		func(fw *frameWriter) { fw.frame(frameError, e.reset().str("disk full")) },
@@ -94,7 +110,7 @@ func decodeAll(t *testing.T, p []byte) {
 	if h, err := decodeHello(body); err == nil {
 		var e enc
 		h2, err := decodeHello(h.encode(&e).b)
-		if err != nil || *h2 != *h {
+		if err != nil || !reflect.DeepEqual(h2, h) {
 			t.Fatalf("hello round trip: %+v -> %+v, %v", h, h2, err)
 		}
 	}

@@ -35,7 +35,7 @@ func runSum(blocks []Hash) [16]byte {
 	return s
 }
 
-func prefixOf(h Hash) uint64 { return binary.LittleEndian.Uint64(h[:8]) }
+func prefixOf(h Hash) uint32 { return binary.LittleEndian.Uint32(h[:4]) }
 
 func blockCount(virtualSize int64) int64 { return (virtualSize + BlockSize - 1) / BlockSize }
 

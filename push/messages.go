@@ -14,10 +14,17 @@ type hello struct {
 	Digest      [32]byte
 	VirtualSize int64
 	Link        string
+	// Known lists digests of generations whose manifests the sender has
+	// cached: the host sends no index for those (version 2).
+	Known [][32]byte
 }
 
 func (h *hello) encode(e *enc) *enc {
 	e.reset().u(h.Version).u(h.Op).str(h.Name).raw(h.Digest[:]).u(uint64(h.VirtualSize)).str(h.Link)
+	e.u(uint64(len(h.Known)))
+	for _, k := range h.Known {
+		e.raw(k[:])
+	}
 	return e
 }
 
@@ -34,6 +41,12 @@ func decodeHello(p []byte) (*hello, error) {
 	copy(h.Digest[:], d.raw(32))
 	h.VirtualSize = int64(d.ub("virtual size", maxVirtualSize))
 	h.Link = d.str("link", maxPath)
+	nk := d.ub("known generations", maxKnown)
+	for i := uint64(0); i < nk && d.err == nil; i++ {
+		var k [32]byte
+		copy(k[:], d.raw(32))
+		h.Known = append(h.Known, k)
+	}
 	if err := d.done(); err != nil {
 		return nil, err
 	}
@@ -135,43 +148,81 @@ func b2u(b bool) uint64 {
 	return 0
 }
 
-// indexEntry says a generation holds a block whose hash starts with Prefix.
+// indexEntry says a generation holds a block whose hash starts with Prefix
+// (the first 4 bytes of the hash, little-endian).
 type indexEntry struct {
 	Block  int64
-	Prefix uint64
+	Prefix uint32
 }
 
+// encodeIndex builds an index frame: the generation, the block numbers as
+// runs of consecutive blocks (gap from the previous run's end, length), then
+// one 4-byte prefix per entry. Entries must ascend strictly. Consecutive
+// blocks are the common case, so the block numbers cost a few bytes per run
+// and the frame is close to 4 bytes per entry.
 func encodeIndex(e *enc, gen int, ents []indexEntry) *enc {
-	e.reset().u(uint64(gen)).u(uint64(len(ents)))
-	prev := int64(0)
+	e.reset().u(uint64(gen))
+	var runs []run
 	for _, x := range ents {
-		e.u(uint64(x.Block - prev))
-		prev = x.Block
-		e.b = binary.LittleEndian.AppendUint64(e.b, x.Prefix)
+		if n := len(runs); n > 0 && runs[n-1].Start+runs[n-1].Count == x.Block {
+			runs[n-1].Count++
+		} else {
+			runs = append(runs, run{x.Block, 1})
+		}
+	}
+	e.u(uint64(len(runs)))
+	end := int64(0)
+	for _, r := range runs {
+		e.u(uint64(r.Start - end)).u(uint64(r.Count))
+		end = r.Start + r.Count
+	}
+	for _, x := range ents {
+		e.b = binary.LittleEndian.AppendUint32(e.b, x.Prefix)
 	}
 	return e
 }
 
 // decodeIndex appends the frame's entries to ents; blocks ascend strictly
-// after the first and stay below maxBlocks.
+// and stay below maxBlocks, and a frame holds at most maxIndexEntries.
 func decodeIndex(p []byte, ngens int, ents []indexEntry) (int, []indexEntry, error) {
 	d := &dec{b: p}
 	gen := int(d.ub("index generation", uint64(ngens)))
 	if d.err == nil && gen < 1 {
 		d.fail("index generation 0")
 	}
-	n := d.ub("index entries", maxIndexEntries)
-	blk := int64(0)
-	for i := uint64(0); i < n && d.err == nil; i++ {
-		delta := d.ub("index delta", maxBlocks)
-		if i > 0 && delta == 0 {
-			d.fail("index blocks do not ascend")
+	nruns := d.ub("index runs", maxIndexEntries)
+	var runs []run
+	end, total := int64(0), int64(0)
+	for i := uint64(0); i < nruns && d.err == nil; i++ {
+		gap := int64(d.ub("index gap", maxBlocks))
+		if i > 0 && gap == 0 {
+			d.fail("index runs touch or overlap")
 		}
-		blk += int64(delta)
-		if blk >= maxBlocks {
-			d.fail("index block %d out of range", blk)
+		cnt := int64(d.ub("index run length", maxIndexEntries))
+		if d.err == nil && cnt == 0 {
+			d.fail("empty index run")
 		}
-		ents = append(ents, indexEntry{blk, binary.LittleEndian.Uint64(d.raw(8))})
+		start := end + gap
+		if d.err == nil && start+cnt > maxBlocks {
+			d.fail("index run %d+%d out of range", start, cnt)
+		}
+		total += cnt
+		if d.err == nil && total > maxIndexEntries {
+			d.fail("index frame has more than %d entries", maxIndexEntries)
+		}
+		runs = append(runs, run{start, cnt})
+		end = start + cnt
+	}
+	if d.err == nil && int64(len(d.b)) != 4*total {
+		d.fail("index prefixes: got %d bytes, want %d", len(d.b), 4*total)
+	}
+	if d.err != nil {
+		return gen, ents, d.err
+	}
+	for _, r := range runs {
+		for b := r.Start; b < r.Start+r.Count; b++ {
+			ents = append(ents, indexEntry{b, binary.LittleEndian.Uint32(d.raw(4))})
+		}
 	}
 	return gen, ents, d.done()
 }

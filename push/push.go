@@ -5,17 +5,25 @@
 // Identity is the guest-visible content: BLAKE3-128 of each 4 KiB block of
 // the virtual disk, matched at any offset of any generation the host holds;
 // an image's digest is BLAKE3 over its block hashes. A session is one
-// exchange (the host's generations, a resume point, and an index of 8-byte
-// hash prefixes the sender does not know yet) and then one pipelined
+// exchange (the host's generations, a resume point, and an index of 4-byte
+// hash prefixes of the blocks the sender does not know yet) and then one pipelined
 // stream of zero runs, copy runs and zstd literals, with checkpoints the
 // host makes durable so a broken connection resumes where it stopped. The
 // host checks every copied block against its own index as it copies (a
 // failed block is asked for again as a literal), recomputes the digest of
 // what it wrote, and only then stores the generation and swaps `current`.
 //
+// The sender keeps the manifests of images it pushed in a Cache and lists
+// their digests in its hello; for the host's generations among them the
+// host sends no index at all, so pushing a rebuild of an image pushed from
+// the same machine costs a reply of a few hundred bytes. Without the cache
+// the index costs about 4 bytes per distinct non-zero block the host holds.
+// Both are hints: a stale entry or a prefix collision makes a copy fail the
+// host's check, and the host asks for those blocks again as literals.
+//
 // Limits: virtual sizes up to 1 TiB; the host keeps 16 bytes per block of
-// the image being received in memory (4 MiB per GiB), the sender 40 bytes
-// per indexed block of the host's generations.
+// the image being received in memory (4 MiB per GiB), the sender about 40
+// bytes per indexed or cached block of the host's generations.
 package push
 
 import (
@@ -132,6 +140,9 @@ type Options struct {
 	Level zstd.EncoderLevel
 	// Progress, if not nil, receives bytes of the image dealt with.
 	Progress func(n int64)
+	// Cache, if not nil, holds manifests of generations hosts may hold:
+	// for those the host sends no index. Push does not add to it.
+	Cache *Cache
 }
 
 // Stats describe one push.
@@ -144,6 +155,9 @@ type Stats struct {
 	CopiedBlocks   int64
 	LiteralBlocks  int64
 	ResentBlocks   int64 // re-sent after the host found a copy bad
+	CachedGens     int   // host generations known from the manifest cache
+	IndexedGens    int   // host generations the host sent an index of
+	IndexEntries   int64 // entries in that index
 	Digest         [32]byte
 }
 
@@ -193,6 +207,13 @@ func Push(ctx context.Context, conn io.ReadWriter, src *Source, opts Options) (*
 	var e enc
 	fw.writeMagic()
 	h := &hello{Version: Version, Op: opPush, Name: opts.Name, Digest: src.Digest, VirtualSize: src.VirtualSize, Link: opts.Link}
+	if opts.Cache != nil {
+		for _, d := range opts.Cache.Digests(maxKnown) {
+			if d != src.Digest {
+				h.Known = append(h.Known, d)
+			}
+		}
+	}
 	fw.frame(frameHello, h.encode(&e))
 	if err := fw.flush(); err != nil {
 		return st, fmt.Errorf("%w: sending the hello: %v", ErrNoServer, err)
@@ -213,9 +234,38 @@ func Push(ctx context.Context, conn io.ReadWriter, src *Source, opts Options) (*
 		return st, protoErr("host resumes at block %d of %d", r.Resume, n)
 	}
 	st.ResumedAt = r.Resume
-	// The host's index: prefix -> first location, and per generation block -> prefix.
-	where := map[uint64]loc{}
-	at := make([]map[int64]uint64, len(r.Gens)+1)
+	// What the sender knows of the host's generations: every block hash of
+	// those whose manifests it has cached (the host sent no index for them),
+	// and 4-byte prefixes of the others' blocks from the index.
+	k := &hostBlocks{
+		full:  make([][]Hash, len(r.Gens)+1),
+		at:    make([]map[int64]uint32, len(r.Gens)+1),
+		exact: map[Hash]loc{},
+		where: map[uint32]loc{},
+	}
+	known := map[[32]byte]bool{}
+	for _, d := range h.Known {
+		known[d] = true
+	}
+	for gi, g := range r.Gens {
+		if !known[g.Digest] {
+			continue
+		}
+		m, err := opts.Cache.Load(g.Digest)
+		if err != nil || m.VirtualSize != g.VirtualSize {
+			continue // the host sent no index for it: its blocks are not offered
+		}
+		st.CachedGens++
+		k.full[gi+1] = m.Blocks
+		for b, hh := range m.Blocks {
+			if hh == ZeroHash {
+				continue
+			}
+			if _, ok := k.exact[hh]; !ok {
+				k.exact[hh] = loc{gi + 1, int64(b)}
+			}
+		}
+	}
 	if r.Index {
 		var ents []indexEntry
 		for {
@@ -237,16 +287,21 @@ func Push(ctx context.Context, conn io.ReadWriter, src *Source, opts Options) (*
 			if err != nil {
 				return st, err
 			}
-			if at[gen] == nil {
-				at[gen] = map[int64]uint64{}
+			if k.full[gen] != nil {
+				return st, protoErr("index of generation %d, which the sender knows", gen)
 			}
+			if k.at[gen] == nil {
+				k.at[gen] = map[int64]uint32{}
+				st.IndexedGens++
+			}
+			st.IndexEntries += int64(len(ents))
 			for _, x := range ents {
 				if x.Block >= blockCount(r.Gens[gen-1].VirtualSize) {
 					return st, protoErr("index block %d beyond generation %d", x.Block, gen)
 				}
-				at[gen][x.Block] = x.Prefix
-				if _, ok := where[x.Prefix]; !ok {
-					where[x.Prefix] = loc{gen, x.Block}
+				k.at[gen][x.Block] = x.Prefix
+				if _, ok := k.where[x.Prefix]; !ok {
+					k.where[x.Prefix] = loc{gen, x.Block}
 				}
 			}
 		}
@@ -267,7 +322,7 @@ func Push(ctx context.Context, conn io.ReadWriter, src *Source, opts Options) (*
 			}
 		}
 	}()
-	s := &sender{ctx: ctx, src: src, opts: opts, fw: fw, st: st, replies: replies, where: where, at: at, self: map[Hash]int64{}}
+	s := &sender{ctx: ctx, src: src, opts: opts, fw: fw, st: st, replies: replies, host: k, self: map[Hash]int64{}}
 	if err := s.init(); err != nil {
 		return st, err
 	}
@@ -358,8 +413,7 @@ type sender struct {
 	fw      *frameWriter
 	st      *Stats
 	replies chan frameOrErr
-	where   map[uint64]loc
-	at      []map[int64]uint64
+	host    *hostBlocks
 	self    map[Hash]int64
 	enc     *zstd.Encoder
 	e       enc
@@ -474,7 +528,9 @@ func (s *sender) stream(from int64) error {
 				cur.count++
 				continue
 			}
-			if l, ok := s.where[prefixOf(h)]; ok {
+			if l, ok := s.host.exact[h]; ok {
+				next = pend{typ: frameCopy, gen: l.gen, src: l.block}
+			} else if l, ok := s.host.where[prefixOf(h)]; ok {
 				next = pend{typ: frameCopy, gen: l.gen, src: l.block}
 			} else if j, ok := s.self[h]; ok && j < i {
 				next = pend{typ: frameCopy, gen: 0, src: j}
@@ -505,11 +561,24 @@ func (s *sender) continues(c pend, h Hash) bool {
 	if c.gen == 0 {
 		return nb < c.start && s.src.Blocks[nb] == h
 	}
-	pf, ok := s.at[c.gen][nb]
-	if ok {
-		return pf == prefixOf(h)
+	return s.host.has(c.gen, nb, h)
+}
+
+// hostBlocks is what the sender knows of the blocks the host holds.
+type hostBlocks struct {
+	full  [][]Hash           // [gen]: every block hash, from a cached manifest
+	at    []map[int64]uint32 // [gen]: block -> hash prefix, from the index
+	exact map[Hash]loc       // hash -> first location in a cached generation
+	where map[uint32]loc     // prefix -> first location in an indexed generation
+}
+
+// has reports whether block b of generation gen (>= 1) probably holds h.
+func (k *hostBlocks) has(gen int, b int64, h Hash) bool {
+	if f := k.full[gen]; f != nil {
+		return b < int64(len(f)) && f[b] == h
 	}
-	return false
+	pf, ok := k.at[gen][b]
+	return ok && pf == prefixOf(h)
 }
 
 // literal sends blocks [start, start+count) as one zstd frame.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand"
 	"os"
@@ -370,7 +371,8 @@ func TestGarbagePeer(t *testing.T) {
 
 func TestVersionMismatch(t *testing.T) {
 	var e enc
-	h := &hello{Version: 99, Op: opPush, Name: "x", VirtualSize: 4096}
+	// An old (version 1) sender: its hello has no list of cached digests.
+	h := &hello{Version: 1, Op: opPush, Name: "x", VirtualSize: 4096}
 	var in bytes.Buffer
 	fw := newFrameWriter(&in)
 	fw.writeMagic()
@@ -378,8 +380,18 @@ func TestVersionMismatch(t *testing.T) {
 	fw.flush()
 	var out bytes.Buffer
 	err := Serve(context.Background(), duplex{&in, &out}, &Store{Dir: t.TempDir()})
-	if !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "99") || !strings.Contains(err.Error(), "version 1") {
-		t.Fatalf("serve: got %v, want ErrVersion naming 99 and 1", err)
+	if !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "version 1,") || !strings.Contains(err.Error(), fmt.Sprintf("version %d;", Version)) {
+		t.Fatalf("serve: got %v, want ErrVersion naming 1 and %d", err, Version)
+	}
+	// The reply starts with the host's version, which an old sender reads
+	// first (and then names both).
+	fr := newFrameReader(&out)
+	if err := fr.readMagic(); err != nil {
+		t.Fatal(err)
+	}
+	typ, p, err := fr.next()
+	if d := (&dec{b: p}); err != nil || typ != frameReply || d.u() != Version {
+		t.Fatalf("reply to an old sender: got type %d %x, %v; want a reply of version %d", typ, p, err, Version)
 	}
 	// A host of another version: the sender names both.
 	var hostOut bytes.Buffer

@@ -145,19 +145,36 @@ func (s *session) push(ctx context.Context, h *hello) error {
 	}
 	defer p.close()
 	r.Resume = p.next
-	r.Index = len(gens) > 0
-	if err := s.fw.frame(frameReply, r.encode(&s.e)); err != nil {
-		return err
+	// Every generation's block hashes, for checking copies. The sender has
+	// the manifests of the generations it listed as known: it gets no index
+	// for those, and none for their blocks in other generations.
+	known := map[[32]byte]bool{}
+	for _, k := range h.Known {
+		known[k] = true
 	}
-	// Index of every generation, skipping zero blocks and hashes already sent.
 	idx := make([][]Hash, len(gens)+1)
-	seen := map[uint64]bool{prefixOf(ZeroHash): true}
+	seen := map[Hash]bool{ZeroHash: true}
+	var unknown []int
 	for gi, g := range gens {
 		blocks, err := s.store.loadIndex(g)
 		if err != nil {
-			blocks = nil // unusable: never offered
+			blocks = nil // unusable: never offered, every copy from it fails
 		}
 		idx[gi+1] = blocks
+		if !known[g.Digest] {
+			unknown = append(unknown, gi)
+			continue
+		}
+		for _, hh := range blocks {
+			seen[hh] = true
+		}
+	}
+	r.Index = len(unknown) > 0
+	if err := s.fw.frame(frameReply, r.encode(&s.e)); err != nil {
+		return err
+	}
+	// An index of the other generations: each distinct block once.
+	for _, gi := range unknown {
 		var ents []indexEntry
 		flush := func() {
 			if len(ents) > 0 {
@@ -165,14 +182,13 @@ func (s *session) push(ctx context.Context, h *hello) error {
 				ents = ents[:0]
 			}
 		}
-		for b, hh := range blocks {
-			pf := prefixOf(hh)
-			if seen[pf] {
+		for b, hh := range idx[gi+1] {
+			if seen[hh] {
 				continue
 			}
-			seen[pf] = true
-			ents = append(ents, indexEntry{int64(b), pf})
-			if len(ents) == 65536 {
+			seen[hh] = true
+			ents = append(ents, indexEntry{int64(b), prefixOf(hh)})
+			if len(ents) == 1<<16 {
 				flush()
 			}
 		}

@@ -16,7 +16,8 @@ import (
 // strings are a varint length and bytes, hashes and digests are raw bytes.
 //
 //	sender                                 host
-//	magic, Hello{version, op, name, ...}   ->
+//	magic, Hello{version, op, name, ...,   ->
+//	       digests of cached manifests}
 //	                                       <- magic, Reply{version, gens, resume}
 //	                                       <- Index chunks, IndexEnd (only when needed)
 //	Zero/Copy/Literal/Checkpoint ... End   ->   (one pipelined stream)
@@ -30,7 +31,11 @@ const magic = "nixvmimg"
 
 // Version is the protocol version this package speaks. A peer with another
 // version gets ErrVersion naming both.
-const Version = 1
+//
+// Version 2: the hello lists the digests of generations whose manifests the
+// sender has cached (the host sends no index for them), and index entries
+// carry 4-byte hash prefixes with block numbers as runs.
+const Version = 2
 
 // Frame types.
 const (
@@ -62,7 +67,8 @@ const (
 	maxMessage       = 4096          // error message bytes
 	maxGenerations   = 1024          // generations listed in a reply
 	maxVirtualSize   = 1 << 40       // 1 TiB
-	maxIndexEntries  = maxFrame / 10 // entries in one index frame
+	maxIndexEntries  = maxFrame / 5  // entries in one index frame
+	maxKnown         = 64            // cached generations a hello lists
 	maxRanges        = maxFrame / 20 // missing ranges in one result
 	maxBlocks        = maxVirtualSize / BlockSize
 	_                = maxBlocks

@@ -136,6 +136,7 @@ func buildSelf(t *testing.T) string {
 // TestPushLocalSubprocess runs the host half as a local subprocess through
 // a stand-in for ssh, then lists the store with and without a host.
 func TestPushLocalSubprocess(t *testing.T) {
+	t.Setenv("XDG_CACHE_HOME", t.TempDir())
 	bin := buildSelf(t)
 	dir := t.TempDir()
 	fake := filepath.Join(dir, "fake-ssh")
@@ -184,7 +185,20 @@ func cli(t *testing.T, args ...string) (int, string, string) {
 	return code, out.String(), errb.String()
 }
 
-var sentRE = regexp.MustCompile(`sent \S+ \S+ = (\d+) B`)
+var (
+	sentRE     = regexp.MustCompile(`sent \S+ \S+ = (\d+) B`)
+	receivedRE = regexp.MustCompile(`received \S+ \S+ = (\d+) B`)
+)
+
+func receivedBytes(t *testing.T, stdout string) int64 {
+	t.Helper()
+	m := receivedRE.FindStringSubmatch(stdout)
+	if m == nil {
+		t.Fatalf("no 'received ... = N B' in %q", stdout)
+	}
+	n, _ := strconv.ParseInt(m[1], 10, 64)
+	return n
+}
 
 func sentBytes(t *testing.T, stdout string) int64 {
 	t.Helper()
@@ -201,6 +215,8 @@ func TestPushOverSSH(t *testing.T) {
 	host := startSSHD(t)
 	bin := buildSelf(t)
 	dir := t.TempDir()
+	cacheHome := filepath.Join(dir, "cache")
+	t.Setenv("XDG_CACHE_HOME", cacheHome) // the default --cache-dir
 	store := filepath.Join(dir, "store")
 	link := filepath.Join(dir, "etc", "virt", "base-images", "baseline.qcow2")
 
@@ -253,6 +269,13 @@ func TestPushOverSSH(t *testing.T) {
 	if second > 48<<10 || second*50 > first {
 		t.Errorf("second push sent %d bytes (first %d), want at most 48 KiB", second, first)
 	}
+	// The first push kept gen1's manifest: the host sent no index back.
+	if got := receivedBytes(t, out); got > 4096 || !strings.Contains(out, "manifest cache: 1, indexed: 0") {
+		t.Errorf("second push with gen1's manifest cached: received %d bytes, want a reply under 4 KiB\n%s", got, out)
+	}
+	if ents, err := os.ReadDir(filepath.Join(cacheHome, "nixvm-image", "manifests")); err != nil || len(ents) != 2 {
+		t.Errorf("manifest cache: got %d entries, %v; want gen1 and gen2", len(ents), err)
+	}
 
 	// Identical re-push: the handshake only.
 	code, out, errs = cli(t, append([]string{"push", "testhost", "--image", img2, "-q"}, common...)...)
@@ -292,6 +315,23 @@ func TestPushOverSSH(t *testing.T) {
 	t.Logf("after the cut: %s", strings.TrimSpace(out))
 	if out, err := exec.Command(qemuImg, "compare", img3, cur).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img compare gen3 current: %v: %s", err, out)
+	}
+
+	// Without the cache the host sends its compact index: about 4 bytes per
+	// distinct non-zero block of gen1..gen3 (6144 + 10 + 1024 blocks).
+	gen4 := bytes.Clone(gen3)
+	rnd.Read(gen4[30<<20 : 30<<20+8<<10])
+	img4 := fixture(t, qemuImg, dir, "gen4", gen4)
+	code, out, errs = cli(t, append([]string{"push", "testhost", "--image", img4, "--cache-dir", "none"}, common...)...)
+	if code != 0 {
+		t.Fatalf("push without a cache: exit %d\n%s%s", code, out, errs)
+	}
+	t.Logf("without a cache: %s", strings.TrimSpace(out))
+	if got := receivedBytes(t, out); got < 4*6144 || got > 4*7178*21/20+4096 {
+		t.Errorf("push without a cache: received %d bytes, want about 4 per host block (%d)", got, 4*7178)
+	}
+	if out, err := exec.Command(qemuImg, "compare", img4, cur).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img compare gen4 current: %v: %s", err, out)
 	}
 
 	// A host without nixvm-image: the error says how to install it.
