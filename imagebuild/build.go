@@ -221,6 +221,7 @@ func (b *builder) run() (*Result, error) {
 
 	// 2. Plan sizes. The database is written after the store (it needs the
 	// NAR hashes); budget generously for it.
+	t0 = time.Now()
 	planner := ext4.NewPlanner(b.ext4Options(0))
 	for _, d := range b.skeleton() {
 		planner.Add(d)
@@ -266,7 +267,7 @@ func (b *builder) run() (*Result, error) {
 	if plan, err = b.keepPlan(plan, minFS); err != nil {
 		return nil, err
 	}
-	b.logf("layout %s: disk %s, root file system %s at offset %s", o.Layout, units.Bytes(plan.DiskSize), units.Bytes(plan.Root.Size), units.Bytes(plan.Root.Start))
+	b.logf("layout %s: disk %s, root file system %s at offset %s (%s)", o.Layout, units.Bytes(plan.DiskSize), units.Bytes(plan.Root.Size), units.Bytes(plan.Root.Start), since(t0))
 
 	// 3. The raw disk.
 	raw, err := b.tempFile(".raw")
@@ -334,9 +335,11 @@ func (b *builder) run() (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	t0 = time.Now()
 	if err := out.Sync(); err != nil {
 		return nil, err
 	}
+	b.logf("synced %s to disk (%s)", o.Output, since(t0))
 	fi, err := out.Stat()
 	if err != nil {
 		return nil, err
