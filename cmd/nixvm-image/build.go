@@ -47,9 +47,9 @@ type buildOptions struct {
 }
 
 func (o *buildOptions) AddFlags(fs *pflag.FlagSet) {
-	fs.StringVar(&o.toplevel, "toplevel", "", "the system's store path (/nix/store/…-nixos-system-…); its closure comes from the local Nix unless --closure is given")
-	fs.StringVar(&o.closure, "closure", "", "closure description FILE: exportReferencesGraph text, `nix-store --dump-db` or closureInfo registration, or structured-attrs JSON")
-	fs.StringVarP(&o.output, "output", "o", "", "image file to write (required); the block manifest goes to OUTPUT.manifest")
+	fs.StringVar(&o.toplevel, "toplevel", "", "the system, a store `PATH` (/nix/store/…-nixos-system-…) or a link to one (./result); its closure comes from the local Nix unless --closure is given")
+	fs.StringVar(&o.closure, "closure", "", "closure description `FILE`: exportReferencesGraph text, nix-store --dump-db or closureInfo registration, or structured-attrs JSON")
+	fs.StringVarP(&o.output, "output", "o", "", "`IMAGE` file to write (required); the block manifest goes to IMAGE.manifest")
 	fs.BoolVar(&o.force, "force", false, "replace an existing output")
 	fs.StringVar(&o.layout, "layout", string(partition.Legacy), "partition layout: legacy (MBR), legacy+gpt (GPT + bios_grub), efi (GPT + ESP), hybrid (GPT + bios_grub + ESP)")
 	fs.StringVar(&o.size, "size", "auto", "disk size, e.g. 4G or 4096M; auto = closure + metadata + 10% + 512 MiB")
