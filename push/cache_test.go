@@ -45,16 +45,16 @@ func TestPushReceivedBytes(t *testing.T) {
 		indexEntries int64
 		cachedGens   int
 	}{
-		// Without a cache: about 4 bytes per distinct non-zero host block.
-		{name: "no cache", host: [][]byte{gen1}, maxReceived: 4*distinctNonZero(t, gen1)*21/20 + 1024,
+		// Without a cache: 3 bytes per distinct non-zero host block.
+		{name: "no cache", host: [][]byte{gen1}, maxReceived: 3*distinctNonZero(t, gen1)*21/20 + 1024,
 			indexEntries: distinctNonZero(t, gen1)},
 		// The sender knows the host's generation: the reply only.
 		{name: "cache hit", cached: [][]byte{gen1}, host: [][]byte{gen1}, maxReceived: 1024, cachedGens: 1},
 		// The sender knows one of two: an index of the other's own blocks.
 		{name: "partial cache", cached: [][]byte{gen1}, host: [][]byte{other, gen1},
-			maxReceived: 4*distinctNonZero(t, other)*21/20 + 1024, indexEntries: distinctNonZero(t, other), cachedGens: 1},
+			maxReceived: 3*distinctNonZero(t, other)*21/20 + 1024, indexEntries: distinctNonZero(t, other), cachedGens: 1},
 		// The cache knows images the host does not hold: a full index.
-		{name: "cache miss", cached: [][]byte{other}, host: [][]byte{gen1}, maxReceived: 4*distinctNonZero(t, gen1)*21/20 + 1024,
+		{name: "cache miss", cached: [][]byte{other}, host: [][]byte{gen1}, maxReceived: 3*distinctNonZero(t, gen1)*21/20 + 1024,
 			indexEntries: distinctNonZero(t, gen1)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -207,30 +207,34 @@ func TestCacheLRU(t *testing.T) {
 }
 
 func TestIndexRoundTrip(t *testing.T) {
-	for _, ents := range [][]indexEntry{
-		{{0, 1}},
-		{{0, 1}, {1, 2}, {2, 3}, {10, 4}, {11, 0xffffffff}, {1 << 20, 6}},
-		{{5, 7}},
-	} {
-		var e enc
-		gen, got, err := decodeIndex(encodeIndex(&e, 2, ents).b, 3, nil)
-		if err != nil || gen != 2 || len(got) != len(ents) {
-			t.Fatalf("decode: got gen %d, %v, %v; want %v", gen, got, err, ents)
-		}
-		for i := range ents {
-			if got[i] != ents[i] {
-				t.Fatalf("entry %d: got %v, want %v", i, got[i], ents[i])
+	for _, width := range []int{2, 3, 4} {
+		for _, ents := range [][]indexEntry{
+			{{0, 1}},
+			{{0, 1}, {1, 2}, {2, 3}, {10, 4}, {11, 0xffffffff}, {1 << 20, 6}},
+			{{5, 7}},
+		} {
+			var e enc
+			gen, got, err := decodeIndex(encodeIndex(&e, 2, width, ents).b, 3, width, nil)
+			if err != nil || gen != 2 || len(got) != len(ents) {
+				t.Fatalf("decode: got gen %d, %v, %v; want %v", gen, got, err, ents)
+			}
+			for i := range ents {
+				want := ents[i]
+				want.Prefix &= uint32(uint64(1)<<(8*width) - 1)
+				if got[i] != want {
+					t.Fatalf("width %d, entry %d: got %v, want %v", width, i, got[i], want)
+				}
 			}
 		}
-	}
-	// 1000 consecutive blocks cost 4 bytes each and a few more.
-	ents := make([]indexEntry, 1000)
-	for i := range ents {
-		ents[i] = indexEntry{int64(100 + i), uint32(i * 7919)}
-	}
-	var e enc
-	if n := len(encodeIndex(&e, 1, ents).b); n > 4000+8 {
-		t.Errorf("index of 1000 consecutive blocks: got %d bytes, want at most %d", n, 4008)
+		// 1000 consecutive blocks cost width bytes each and a few more.
+		ents := make([]indexEntry, 1000)
+		for i := range ents {
+			ents[i] = indexEntry{int64(100 + i), uint32(i * 7919)}
+		}
+		var e enc
+		if n := len(encodeIndex(&e, 1, width, ents).b); n > 1000*width+8 {
+			t.Errorf("index of 1000 consecutive blocks: got %d bytes, want at most %d", n, 1000*width+8)
+		}
 	}
 	for _, bad := range []string{
 		"\x01\x01\x00\x01",                 // prefix missing
@@ -240,8 +244,11 @@ func TestIndexRoundTrip(t *testing.T) {
 		"\x04\x01\x00\x01xxxx",             // generation beyond the reply
 		"\x01\x01\x00\x01xxxxy",            // trailing byte
 	} {
-		if _, _, err := decodeIndex([]byte(bad), 3, nil); err == nil {
+		if _, _, err := decodeIndex([]byte(bad), 3, 4, nil); err == nil {
 			t.Errorf("decodeIndex(%q) succeeded", bad)
 		}
+	}
+	if _, _, err := decodeIndex([]byte("\x01\x01\x00\x01x"), 3, 1, nil); err == nil {
+		t.Error("decodeIndex of width 1 succeeded")
 	}
 }

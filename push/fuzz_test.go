@@ -55,10 +55,10 @@ func fuzzSeeds() [][]byte {
 	))
 	seeds = append(seeds, frames(
 		func(fw *frameWriter) {
-			fw.frame(frameReply, (&reply{Version: Version, Gens: []Generation{{Name: "b", VirtualSize: 4096, Current: true, Path: "/x"}}, Resume: 1, Index: true}).encode(&e))
+			fw.frame(frameReply, (&reply{Version: Version, Gens: []Generation{{Name: "b", VirtualSize: 4096, Current: true, Path: "/x"}}, Resume: 1, Index: 3}).encode(&e))
 		},
 		func(fw *frameWriter) {
-			fw.frame(frameIndex, encodeIndex(&e, 1, []indexEntry{{0, 1}, {5, 2}, {6, 0xdeadbeef}, {7, 4}, {100, 5}}))
+			fw.frame(frameIndex, encodeIndex(&e, 1, 3, []indexEntry{{0, 1}, {5, 2}, {6, 0xdeadbeef}, {7, 4}, {100, 5}}))
 		},
 		func(fw *frameWriter) { fw.frame(frameIndexEnd, e.reset()) },
 		func(fw *frameWriter) { fw.frame(frameResult, (&result{Missing: []run{{1, 2}}}).encode(&e)) },
@@ -120,7 +120,7 @@ func decodeAll(t *testing.T, p []byte) {
 			t.Fatalf("reply round trip: %v", err)
 		}
 	}
-	decodeIndex(body, int(p[0]), nil)
+	decodeIndex(body, int(p[0]), 2+int(p[0])%3, nil)
 	for typ := byte(frameZero); typ <= frameEnd; typ++ {
 		if o, err := decodeOp(typ, body, int64(p[0])*1000, int(p[0]%4)); err == nil {
 			if o.Type != frameEnd && o.Start+o.Count > int64(p[0])*1000 {

@@ -35,7 +35,10 @@ func runSum(blocks []Hash) [16]byte {
 	return s
 }
 
-func prefixOf(h Hash) uint32 { return binary.LittleEndian.Uint32(h[:4]) }
+// prefixOf is the first width (1 to 4) bytes of h, little-endian.
+func prefixOf(h Hash, width int) uint32 {
+	return binary.LittleEndian.Uint32(h[:4]) & uint32(uint64(1)<<(8*width)-1)
+}
 
 func blockCount(virtualSize int64) int64 { return (virtualSize + BlockSize - 1) / BlockSize }
 

@@ -105,7 +105,7 @@ type reply struct {
 	Gens    []Generation // for opPush: the named image's generations
 	Have    bool         // the host already holds the digest
 	Resume  int64        // first block the host still needs
-	Index   bool         // index frames follow
+	Index   int          // bytes of each hash prefix in the index frames that follow; 0: no index
 }
 
 func (r *reply) encode(e *enc) *enc {
@@ -113,7 +113,7 @@ func (r *reply) encode(e *enc) *enc {
 	for _, g := range r.Gens {
 		e.str(g.Name).raw(g.Digest[:]).u(uint64(g.VirtualSize)).u(b2u(g.Current)).str(g.Path)
 	}
-	e.u(b2u(r.Have)).u(uint64(r.Resume)).u(b2u(r.Index))
+	e.u(b2u(r.Have)).u(uint64(r.Resume)).u(uint64(r.Index))
 	return e
 }
 
@@ -137,7 +137,10 @@ func decodeReply(p []byte) (*reply, error) {
 	}
 	r.Have = d.ub("have", 1) == 1
 	r.Resume = int64(d.ub("resume", maxBlocks))
-	r.Index = d.ub("index", 1) == 1
+	r.Index = int(d.ub("index prefix width", 4))
+	if d.err == nil && r.Index == 1 {
+		d.fail("index prefix width 1")
+	}
 	return r, d.done()
 }
 
@@ -149,7 +152,7 @@ func b2u(b bool) uint64 {
 }
 
 // indexEntry says a generation holds a block whose hash starts with Prefix
-// (the first 4 bytes of the hash, little-endian).
+// (the first 2 to 4 bytes of the hash, little-endian: reply.Index).
 type indexEntry struct {
 	Block  int64
 	Prefix uint32
@@ -157,10 +160,10 @@ type indexEntry struct {
 
 // encodeIndex builds an index frame: the generation, the block numbers as
 // runs of consecutive blocks (gap from the previous run's end, length), then
-// one 4-byte prefix per entry. Entries must ascend strictly. Consecutive
+// one width-byte prefix per entry. Entries must ascend strictly. Consecutive
 // blocks are the common case, so the block numbers cost a few bytes per run
-// and the frame is close to 4 bytes per entry.
-func encodeIndex(e *enc, gen int, ents []indexEntry) *enc {
+// and the frame is close to width bytes per entry.
+func encodeIndex(e *enc, gen, width int, ents []indexEntry) *enc {
 	e.reset().u(uint64(gen))
 	var runs []run
 	for _, x := range ents {
@@ -176,15 +179,20 @@ func encodeIndex(e *enc, gen int, ents []indexEntry) *enc {
 		e.u(uint64(r.Start - end)).u(uint64(r.Count))
 		end = r.Start + r.Count
 	}
+	var b [4]byte
 	for _, x := range ents {
-		e.b = binary.LittleEndian.AppendUint32(e.b, x.Prefix)
+		binary.LittleEndian.PutUint32(b[:], x.Prefix)
+		e.raw(b[:width])
 	}
 	return e
 }
 
 // decodeIndex appends the frame's entries to ents; blocks ascend strictly
 // and stay below maxBlocks, and a frame holds at most maxIndexEntries.
-func decodeIndex(p []byte, ngens int, ents []indexEntry) (int, []indexEntry, error) {
+func decodeIndex(p []byte, ngens, width int, ents []indexEntry) (int, []indexEntry, error) {
+	if width < 2 || width > 4 {
+		return 0, ents, protoErr("index prefix width %d", width)
+	}
 	d := &dec{b: p}
 	gen := int(d.ub("index generation", uint64(ngens)))
 	if d.err == nil && gen < 1 {
@@ -213,15 +221,17 @@ func decodeIndex(p []byte, ngens int, ents []indexEntry) (int, []indexEntry, err
 		runs = append(runs, run{start, cnt})
 		end = start + cnt
 	}
-	if d.err == nil && int64(len(d.b)) != 4*total {
-		d.fail("index prefixes: got %d bytes, want %d", len(d.b), 4*total)
+	if d.err == nil && int64(len(d.b)) != int64(width)*total {
+		d.fail("index prefixes: got %d bytes, want %d", len(d.b), int64(width)*total)
 	}
 	if d.err != nil {
 		return gen, ents, d.err
 	}
 	for _, r := range runs {
 		for b := r.Start; b < r.Start+r.Count; b++ {
-			ents = append(ents, indexEntry{b, binary.LittleEndian.Uint32(d.raw(4))})
+			var x [4]byte
+			copy(x[:], d.raw(width))
+			ents = append(ents, indexEntry{b, binary.LittleEndian.Uint32(x[:])})
 		}
 	}
 	return gen, ents, d.done()

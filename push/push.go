@@ -5,9 +5,9 @@
 // Identity is the guest-visible content: BLAKE3-128 of each 4 KiB block of
 // the virtual disk, matched at any offset of any generation the host holds;
 // an image's digest is BLAKE3 over its block hashes. A session is one
-// exchange (the host's generations, a resume point, and an index of 4-byte
-// hash prefixes of the blocks the sender does not know yet) and then one pipelined
-// stream of zero runs, copy runs and zstd literals, with checkpoints the
+// exchange (the host's generations, a resume point, and an index of 3-byte
+// hash prefixes of the blocks the sender does not know yet) and then one
+// pipelined stream of zero runs, copy runs and zstd literals, with checkpoints the
 // host makes durable so a broken connection resumes where it stopped. The
 // host checks every copied block against its own index as it copies (a
 // failed block is asked for again as a literal), recomputes the digest of
@@ -17,7 +17,8 @@
 // their digests in its hello; for the host's generations among them the
 // host sends no index at all, so pushing a rebuild of an image pushed from
 // the same machine costs a reply of a few hundred bytes. Without the cache
-// the index costs about 4 bytes per distinct non-zero block the host holds.
+// the index costs 3 bytes per distinct non-zero block the host holds (4
+// beyond 2^21 blocks).
 // Both are hints: a stale entry or a prefix collision makes a copy fail the
 // host's check, and the host asks for those blocks again as literals.
 //
@@ -236,7 +237,7 @@ func Push(ctx context.Context, conn io.ReadWriter, src *Source, opts Options) (*
 	st.ResumedAt = r.Resume
 	// What the sender knows of the host's generations: every block hash of
 	// those whose manifests it has cached (the host sent no index for them),
-	// and 4-byte prefixes of the others' blocks from the index.
+	// and 3- or 4-byte prefixes of the others' blocks from the index.
 	k := &hostBlocks{
 		full:  make([][]Hash, len(r.Gens)+1),
 		at:    make([]map[int64]uint32, len(r.Gens)+1),
@@ -266,7 +267,8 @@ func Push(ctx context.Context, conn io.ReadWriter, src *Source, opts Options) (*
 			}
 		}
 	}
-	if r.Index {
+	k.width = r.Index
+	if r.Index > 0 {
 		var ents []indexEntry
 		for {
 			typ, p, err := fr.next()
@@ -283,7 +285,7 @@ func Push(ctx context.Context, conn io.ReadWriter, src *Source, opts Options) (*
 				return st, protoErr("got frame type %d in the index, want %d", typ, frameIndex)
 			}
 			var gen int
-			gen, ents, err = decodeIndex(p, len(r.Gens), ents[:0])
+			gen, ents, err = decodeIndex(p, len(r.Gens), r.Index, ents[:0])
 			if err != nil {
 				return st, err
 			}
@@ -530,7 +532,7 @@ func (s *sender) stream(from int64) error {
 			}
 			if l, ok := s.host.exact[h]; ok {
 				next = pend{typ: frameCopy, gen: l.gen, src: l.block}
-			} else if l, ok := s.host.where[prefixOf(h)]; ok {
+			} else if l, ok := s.host.where[prefixOf(h, s.host.width)]; ok {
 				next = pend{typ: frameCopy, gen: l.gen, src: l.block}
 			} else if j, ok := s.self[h]; ok && j < i {
 				next = pend{typ: frameCopy, gen: 0, src: j}
@@ -570,6 +572,7 @@ type hostBlocks struct {
 	at    []map[int64]uint32 // [gen]: block -> hash prefix, from the index
 	exact map[Hash]loc       // hash -> first location in a cached generation
 	where map[uint32]loc     // prefix -> first location in an indexed generation
+	width int                // bytes of the index's prefixes
 }
 
 // has reports whether block b of generation gen (>= 1) probably holds h.
@@ -578,7 +581,7 @@ func (k *hostBlocks) has(gen int, b int64, h Hash) bool {
 		return b < int64(len(f)) && f[b] == h
 	}
 	pf, ok := k.at[gen][b]
-	return ok && pf == prefixOf(h)
+	return ok && pf == prefixOf(h, k.width)
 }
 
 // literal sends blocks [start, start+count) as one zstd frame.

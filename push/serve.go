@@ -169,32 +169,35 @@ func (s *session) push(ctx context.Context, h *hello) error {
 			seen[hh] = true
 		}
 	}
-	r.Index = len(unknown) > 0
+	// An index of the other generations: each distinct block once.
+	ents := make([][]indexEntry, len(gens)+1)
+	total := 0
+	for _, gi := range unknown {
+		for b, hh := range idx[gi+1] {
+			if !seen[hh] {
+				seen[hh] = true
+				ents[gi+1] = append(ents[gi+1], indexEntry{Block: int64(b)})
+			}
+		}
+		total += len(ents[gi+1])
+	}
+	if total > 0 {
+		r.Index = indexWidth(total)
+	}
 	if err := s.fw.frame(frameReply, r.encode(&s.e)); err != nil {
 		return err
 	}
-	// An index of the other generations: each distinct block once.
-	for _, gi := range unknown {
-		var ents []indexEntry
-		flush := func() {
-			if len(ents) > 0 {
-				s.fw.frame(frameIndex, encodeIndex(&s.e, gi+1, ents))
-				ents = ents[:0]
-			}
+	for gi, es := range ents {
+		for i := range es {
+			es[i].Prefix = prefixOf(idx[gi][es[i].Block], r.Index)
 		}
-		for b, hh := range idx[gi+1] {
-			if seen[hh] {
-				continue
-			}
-			seen[hh] = true
-			ents = append(ents, indexEntry{int64(b), prefixOf(hh)})
-			if len(ents) == 1<<16 {
-				flush()
-			}
+		for len(es) > 0 {
+			n := min(len(es), 1<<16)
+			s.fw.frame(frameIndex, encodeIndex(&s.e, gi, r.Index, es[:n]))
+			es = es[n:]
 		}
-		flush()
 	}
-	if r.Index {
+	if r.Index > 0 {
 		s.fw.frame(frameIndexEnd, s.e.reset())
 	}
 	if err := s.fw.flush(); err != nil {
@@ -210,6 +213,18 @@ func (s *session) push(ctx context.Context, h *hello) error {
 		}
 	}
 	return err
+}
+
+// indexWidth is the bytes of hash prefix an index of n blocks sends: 3
+// while a block the host lacks matches some prefix by chance less than one
+// time in eight (n <= 2^21), else 4. A chance match costs the sender one
+// copy frame the host refuses and the block as a literal again; two blocks
+// of the host sharing a prefix cost at most that at the start of a run.
+func indexWidth(n int) int {
+	if n <= 1<<21 {
+		return 3
+	}
+	return 4
 }
 
 type receiver struct {

@@ -34,7 +34,8 @@ const magic = "nixvmimg"
 //
 // Version 2: the hello lists the digests of generations whose manifests the
 // sender has cached (the host sends no index for them), and index entries
-// carry 4-byte hash prefixes with block numbers as runs.
+// carry 3- or 4-byte hash prefixes (the reply says which) with block
+// numbers as runs.
 const Version = 2
 
 // Frame types.

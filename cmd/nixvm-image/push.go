@@ -161,7 +161,7 @@ The manifests (block hashes) of pushed images are kept in --cache-dir, the
 newest 16. When a host holds a generation whose manifest is cached, the host
 need not send its block index: pushing a rebuild from the same machine then
 costs the host a reply of a few hundred bytes. Without it the index costs
-about 4 bytes per distinct 4 KiB block the host holds.`,
+3 bytes per distinct 4 KiB block the host holds (4 beyond 8 GiB of them).`,
 		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
 			o := &pushOptions{}
 			fs.StringVar(&o.Image, "image", "", "the image to push (qcow2 or raw)")
