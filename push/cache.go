@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/manifest"
@@ -26,6 +27,9 @@ type Cache struct {
 	Dir string
 	// Max is the number of manifests kept; 0 means DefaultCacheEntries.
 	Max int
+
+	mu     sync.Mutex
+	loaded map[[32]byte]*manifest.Manifest // shared by pushes to several hosts
 }
 
 // DefaultCacheEntries is how many manifests a Cache keeps by default.
@@ -86,8 +90,14 @@ func (c *Cache) Digests(max int) [][32]byte {
 
 // Load reads the manifest of digest d and renews the entry. It fails when
 // the entry is absent or damaged, or describes another digest; a damaged
-// entry is removed.
+// entry is removed. The manifest is read once per Cache value and shared:
+// callers must not modify it.
 func (c *Cache) Load(d [32]byte) (*manifest.Manifest, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if m := c.loaded[d]; m != nil {
+		return m, nil
+	}
 	p := c.path(d)
 	m, err := readManifestFile(p)
 	if err == nil && m.Digest != d {
@@ -101,6 +111,10 @@ func (c *Cache) Load(d [32]byte) (*manifest.Manifest, error) {
 	}
 	now := time.Now()
 	os.Chtimes(p, now, now)
+	if c.loaded == nil {
+		c.loaded = map[[32]byte]*manifest.Manifest{}
+	}
+	c.loaded[d] = m
 	return m, nil
 }
 
@@ -157,6 +171,9 @@ func (c *Cache) prune() error {
 	}
 	all := c.Digests(1 << 30)
 	for _, d := range all[min(max, len(all)):] {
+		c.mu.Lock()
+		delete(c.loaded, d)
+		c.mu.Unlock()
 		if err := os.Remove(c.path(d)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return err
 		}

@@ -2,11 +2,13 @@ package push
 
 import (
 	"bytes"
+	"context"
 	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/nixvm-image/nixvm-image/internal/testutil"
@@ -250,5 +252,45 @@ func TestIndexRoundTrip(t *testing.T) {
 	}
 	if _, _, err := decodeIndex([]byte("\x01\x01\x00\x01x"), 3, 1, nil); err == nil {
 		t.Error("decodeIndex of width 1 succeeded")
+	}
+}
+
+// TestCacheSharedByHosts: pushes to several hosts at once share one Cache.
+func TestCacheSharedByHosts(t *testing.T) {
+	gen1 := testImage(1, imgSize)
+	gen2 := gen2Of(gen1)
+	cache := &Cache{Dir: t.TempDir()}
+	if err := cache.Put(source(t, gen1)); err != nil {
+		t.Fatal(err)
+	}
+	src := source(t, gen2)
+	stores := make([]*Store, 3)
+	for i := range stores {
+		stores[i] = &Store{Dir: t.TempDir()}
+		push(t, stores[i], gen1, Options{})
+	}
+	stats := make([]*Stats, len(stores))
+	errs := make([]error, len(stores))
+	var wg sync.WaitGroup
+	for i, store := range stores {
+		conn, wait := pipeSession(t, store, 0)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			stats[i], errs[i] = Push(context.Background(), conn, src, Options{Name: "baseline", Cache: cache})
+			if err := wait(); errs[i] == nil {
+				errs[i] = err
+			}
+		}()
+	}
+	wg.Wait()
+	for i, store := range stores {
+		if errs[i] != nil {
+			t.Fatalf("host %d: %v", i, errs[i])
+		}
+		if st := stats[i]; st.CachedGens != 1 || st.Received > 1024 || st.LiteralBlocks != 3 {
+			t.Errorf("host %d: %+v; want 1 cached generation, under 1 KiB back, 3 literal blocks", i, st)
+		}
+		checkCurrent(t, store, "baseline", gen2)
 	}
 }
