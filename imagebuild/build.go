@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"github.com/nixvm-image/nixvm-image/internal/units"
 	"io"
 	"os"
 	"path"
@@ -15,6 +14,7 @@ import (
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/ext4"
+	"github.com/nixvm-image/nixvm-image/internal/units"
 	"github.com/nixvm-image/nixvm-image/manifest"
 	"github.com/nixvm-image/nixvm-image/nixclosure"
 	"github.com/nixvm-image/nixvm-image/nixdb"

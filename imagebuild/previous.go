@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"github.com/nixvm-image/nixvm-image/internal/units"
 	"io"
 	"os"
 	"path"
@@ -12,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/nixvm-image/nixvm-image/ext4"
+	"github.com/nixvm-image/nixvm-image/internal/units"
 	"github.com/nixvm-image/nixvm-image/manifest"
 	"github.com/nixvm-image/nixvm-image/partition"
 )

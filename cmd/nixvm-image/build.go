@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/nixvm-image/nixvm-image/internal/units"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/nixvm-image/nixvm-image/imagebuild"
 	"github.com/nixvm-image/nixvm-image/imagebuild/vm"
+	"github.com/nixvm-image/nixvm-image/internal/units"
 	"github.com/nixvm-image/nixvm-image/nixclosure"
 	"github.com/nixvm-image/nixvm-image/partition"
 	"github.com/nixvm-image/nixvm-image/qcow"

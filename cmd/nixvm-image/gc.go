@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"text/tabwriter"
 
+	"github.com/nixvm-image/nixvm-image/internal/units"
 	"github.com/nixvm-image/nixvm-image/provision"
 	"github.com/nixvm-image/nixvm-image/push"
 	"github.com/spf13/pflag"
@@ -97,6 +98,6 @@ func runGC(ctx context.Context, o *gcOptions, c Context, args []string) error {
 	if o.DryRun {
 		verb = "would remove"
 	}
-	fmt.Fprintf(c.Stdout, "%s %d of %d generations (%s virtual)\n", verb, removed, len(ds), humanBytes(freed))
+	fmt.Fprintf(c.Stdout, "%s %d of %d generations (%s virtual)\n", verb, removed, len(ds), units.Bytes(freed))
 	return err
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"text/tabwriter"
 
+	"github.com/nixvm-image/nixvm-image/internal/units"
 	"github.com/nixvm-image/nixvm-image/push"
 	"github.com/spf13/pflag"
 )
@@ -78,7 +79,7 @@ func runImages(ctx context.Context, o *imagesOptions, c Context, args []string) 
 		if g.Current {
 			cur = "*"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%x\t%s\t%s\n", g.Name, cur, g.Digest[:8], humanBytes(g.VirtualSize), g.Path)
+		fmt.Fprintf(tw, "%s\t%s\t%x\t%s\t%s\n", g.Name, cur, g.Digest[:8], units.Bytes(g.VirtualSize), g.Path)
 	}
 	return tw.Flush()
 }

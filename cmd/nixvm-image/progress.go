@@ -2,12 +2,13 @@ package main
 
 import (
 	"fmt"
-	"github.com/nixvm-image/nixvm-image/internal/units"
 	"io"
 	"sync"
 	"time"
 
 	"github.com/schollz/progressbar/v3"
+
+	"github.com/nixvm-image/nixvm-image/internal/units"
 )
 
 // progress shows the phases of a long job: a bar on a terminal, a plain line

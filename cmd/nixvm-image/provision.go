@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nixvm-image/nixvm-image/internal/units"
 	"github.com/nixvm-image/nixvm-image/provision"
 	"github.com/nixvm-image/nixvm-image/push"
 	"github.com/spf13/pflag"
@@ -174,11 +175,11 @@ func runProvision(ctx context.Context, o *provisionOptions, c Context, args []st
 	el := time.Since(start)
 	switch req.Kind {
 	case provision.Overlay:
-		fmt.Fprintf(c.Stdout, "created %s: qcow2 overlay of %s on %s\n", res.Path, humanBytes(res.Size), gen.Path)
+		fmt.Fprintf(c.Stdout, "created %s: qcow2 overlay of %s on %s\n", res.Path, units.Bytes(res.Size), gen.Path)
 	default:
 		fmt.Fprintf(c.Stdout, "created %s: %s disk from %s, %s written, %s zeroed, in %s (%s/s)\n",
-			res.Path, humanBytes(res.Size), gen.Path, humanBytes(res.Written), humanBytes(res.Zeroed),
-			el.Round(time.Millisecond), humanBytes(int64(float64(res.Written)/max(el.Seconds(), 1e-3))))
+			res.Path, units.Bytes(res.Size), gen.Path, units.Bytes(res.Written), units.Bytes(res.Zeroed),
+			el.Round(time.Millisecond), units.Bytes(int64(float64(res.Written)/max(el.Seconds(), 1e-3))))
 	}
 	return nil
 }

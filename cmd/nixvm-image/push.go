@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/nixvm-image/nixvm-image/internal/units"
 	"github.com/nixvm-image/nixvm-image/push"
 	"github.com/spf13/pflag"
 )
@@ -221,7 +222,7 @@ func runPush(ctx context.Context, o *pushOptions, c Context, hosts []string) err
 		keepManifest(c, cache, src)
 	}
 	if !o.Quiet {
-		fmt.Fprintf(c.Stderr, "%s: %s virtual, digest %x, hashed in %s\n", o.Image, humanBytes(src.VirtualSize), src.Digest[:8], time.Since(start).Round(time.Millisecond))
+		fmt.Fprintf(c.Stderr, "%s: %s virtual, digest %x, hashed in %s\n", o.Image, units.Bytes(src.VirtualSize), src.Digest[:8], time.Since(start).Round(time.Millisecond))
 	}
 
 	prog = newHostProgress(c.Stderr, o.Quiet, hosts)
@@ -273,15 +274,15 @@ func runPush(ctx context.Context, o *pushOptions, c Context, hosts []string) err
 		if st.AlreadyCurrent {
 			what = "already held; sent"
 		} else if st.ResumedAt > 0 {
-			what = fmt.Sprintf("resumed at %s; sent", humanBytes(st.ResumedAt*push.BlockSize))
+			what = fmt.Sprintf("resumed at %s; sent", units.Bytes(st.ResumedAt*push.BlockSize))
 		}
 		index := ""
 		if st.CachedGens > 0 || st.IndexEntries > 0 {
 			index = fmt.Sprintf(" (host generations known from the manifest cache: %d, indexed: %d with %d blocks)", st.CachedGens, st.IndexedGens, st.IndexEntries)
 		}
 		fmt.Fprintf(c.Stdout, "%s: %s %x %s %s = %d B (%.2f%%) of a %s image, received %s = %d B%s, in %s\n",
-			host, o.Name, src.Digest[:8], what, humanBytes(st.Sent), st.Sent, 100*float64(st.Sent)/float64(src.VirtualSize),
-			humanBytes(src.VirtualSize), humanBytes(st.Received), st.Received, index, took[i].Round(time.Millisecond))
+			host, o.Name, src.Digest[:8], what, units.Bytes(st.Sent), st.Sent, 100*float64(st.Sent)/float64(src.VirtualSize),
+			units.Bytes(src.VirtualSize), units.Bytes(st.Received), st.Received, index, took[i].Round(time.Millisecond))
 	}
 	if failed > 0 {
 		return fmt.Errorf("%d of %d hosts failed", failed, len(hosts))
@@ -335,9 +336,9 @@ func (p *hostProgress) line(i int) string {
 		n := int(frac * width)
 		s += "[" + strings.Repeat("=", n) + strings.Repeat(" ", width-n) + fmt.Sprintf("] %3.0f%% ", 100*frac)
 	}
-	s += humanBytes(done)
+	s += units.Bytes(done)
 	if sent := p.sent[i].Load(); sent > 0 {
-		s += ", sent " + humanBytes(sent)
+		s += ", sent " + units.Bytes(sent)
 	}
 	return s
 }
@@ -392,19 +393,4 @@ func (p *hostProgress) run(poll func()) func() {
 		}
 	}()
 	return func() { close(stop); wg.Wait() }
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	f := float64(n)
-	for _, u := range []string{"KiB", "MiB", "GiB", "TiB"} {
-		f /= unit
-		if f < unit {
-			return fmt.Sprintf("%.1f %s", f, u)
-		}
-	}
-	return fmt.Sprintf("%.1f PiB", f/unit)
 }
