@@ -2,7 +2,9 @@
 #
 #   make build   static binaries in bin/ (CGO_ENABLED=0, -trimpath)
 #   make test    install test dependencies (root, Debian 12), go vet, go test
-#   make bench   the build benchmark (scripts/bench; results in bench-out/)
+#   make bench   build time and size against the nixpkgs way (scripts/bench), push bytes
+#                against rsync and the floor (scripts/bench-layout), first-boot growth
+#                against growpart + resize2fs; BENCHMARKS.md reports them
 #   make demo    build a bootable NixOS-shaped system with Nix, build demo/demo.qcow2
 #                from it (bootloader installed by the VM stage), show what it holds,
 #                then boot it on a 4x larger disk and watch nixvm-resize grow /
@@ -32,6 +34,8 @@ test: deps vet
 
 bench: deps build
 	scripts/bench
+	scripts/bench-layout
+	NIXVM_BENCH=1 $(GO) test -count=1 -run TestBenchGrowVsGrowpart -v ./cmd/nixvm-resize
 
 demo: deps build
 	mkdir -p demo
