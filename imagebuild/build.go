@@ -13,6 +13,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nixvm-image/nixvm-image/ext4"
 	"github.com/nixvm-image/nixvm-image/internal/units"
 	"github.com/nixvm-image/nixvm-image/manifest"
@@ -155,6 +157,8 @@ type builder struct {
 	trees []*node
 	scan  *scanner
 	bufs  chan []byte // file data buffers, shared with the NAR hashers
+
+	rawDirty bool // the raw disk has been written to (a retry must clear it)
 
 	prev   *manifest.Layout // the previous layout map kept, if any
 	layout *manifest.Layout // this build's layout map
@@ -434,9 +438,17 @@ func (b *builder) skeleton() []*ext4.Header {
 // writeDisk writes the partition table, the ESP and the root file system
 // on the raw disk, which it zeroes first.
 func (b *builder) writeDisk(raw *os.File, plan *partition.Plan) error {
-	if err := raw.Truncate(0); err != nil {
-		return fmt.Errorf("size the raw disk: %w", err)
+	if b.rawDirty {
+		// A retry: the writers rely on a zero-filled disk. Punch the old
+		// bytes out rather than truncating to zero, after which ext4
+		// (auto_da_alloc) would force the whole new file to disk on close.
+		if err := unix.Fallocate(int(raw.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 0, plan.DiskSize); err != nil {
+			if err := raw.Truncate(0); err != nil {
+				return fmt.Errorf("clear the raw disk: %w", err)
+			}
+		}
 	}
+	b.rawDirty = true
 	if err := raw.Truncate(plan.DiskSize); err != nil {
 		return fmt.Errorf("size the raw disk: %w", err)
 	}
