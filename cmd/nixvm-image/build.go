@@ -56,7 +56,7 @@ func (o *buildOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.espSize, "esp-size", "512M", "EFI system partition size for efi and hybrid layouts (at least 512M)")
 	fs.StringVar(&o.format, "format", "qcow2", "output format: qcow2 or raw")
 	fs.StringVar(&o.compression, "compression", "zstd", "qcow2 cluster compression: zstd, zlib or none")
-	fs.IntVar(&o.level, "compression-level", 0, "zstd level 1-22 (default 3, as QEMU; 7 is about 2% smaller and 25% slower)")
+	fs.IntVar(&o.level, "compression-level", 0, "zstd level 1-22 (default 3, as QEMU; 7 is about 2% smaller and 15% slower)")
 	fs.IntVarP(&o.jobs, "jobs", "j", 0, "compression workers (default: all cores); the output is the same for any value")
 	fs.BoolVarP(&o.quiet, "quiet", "q", false, "print nothing but errors")
 	fs.StringVar(&o.previous, "previous", "auto", "keep the layout of a previous IMAGE (or IMAGE.manifest): store paths in both keep their blocks, so pushes stay small; auto = OUTPUT.manifest when --force replaces an output that has one; none = lay out afresh")
