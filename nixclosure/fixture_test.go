@@ -79,7 +79,7 @@ func TestSmallFixture(t *testing.T) {
 		if err := DumpPath(&got, p); err != nil {
 			t.Fatal(err)
 		}
-		if want := run(t, "nix-store", "--dump", p); !bytes.Equal(got.Bytes(), want) {
+		if want := testutil.Run(t, "nix-store", "--dump", p); !bytes.Equal(got.Bytes(), want) {
 			t.Errorf("DumpPath(%s) differs from nix-store --dump (%d vs %d bytes)", p, got.Len(), len(want))
 		}
 	}

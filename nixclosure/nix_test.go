@@ -13,22 +13,6 @@ import (
 	"github.com/nixvm-image/nixvm-image/internal/testutil"
 )
 
-// nixOpts makes Nix work offline here: no binary cache, no sandbox.
-var nixOpts = []string{"--option", "substituters", "", "--option", "sandbox", "false"}
-
-// run runs a command and returns its stdout, failing the test with argv and
-// stderr on error.
-func run(t testing.TB, name string, args ...string) []byte {
-	t.Helper()
-	cmd := exec.Command(name, args...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, stderr.String())
-	}
-	return stdout.Bytes()
-}
-
 var (
 	fixturesOnce sync.Once
 	fixtures     map[string]string
@@ -51,7 +35,7 @@ func buildFixtures(t testing.TB) map[string]string {
 			fixturesErr = err
 			return
 		}
-		args := append([]string{expr, "--no-out-link", "--argstr", "salt", fmt.Sprint(time.Now().UnixNano())}, nixOpts...)
+		args := append([]string{expr, "--no-out-link", "--argstr", "salt", fmt.Sprint(time.Now().UnixNano())}, testutil.NixOffline...)
 		for _, a := range fixtureAttrs {
 			args = append(args, "-A", a)
 		}
@@ -87,7 +71,7 @@ func TestNarMatchesNix(t *testing.T) {
 	for _, a := range []string{"tree", "file", "script", "link", "top"} {
 		p := fx[a]
 		t.Run(a, func(t *testing.T) {
-			want := run(t, "nix-store", "--dump", p)
+			want := testutil.Run(t, "nix-store", "--dump", p)
 			var got bytes.Buffer
 			if err := DumpPath(&got, p); err != nil {
 				t.Fatal(err)
@@ -103,8 +87,8 @@ func TestNarMatchesNix(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			wantHash := strings.TrimSpace(string(run(t, "nix-store", "--query", "--hash", p)))
-			wantSize := strings.TrimSpace(string(run(t, "nix-store", "--query", "--size", p)))
+			wantHash := strings.TrimSpace(string(testutil.Run(t, "nix-store", "--query", "--hash", p)))
+			wantSize := strings.TrimSpace(string(testutil.Run(t, "nix-store", "--query", "--size", p)))
 			if hash != wantHash {
 				t.Errorf("HashPath(%s) hash: got %s, want %s", p, hash, wantHash)
 			}
@@ -120,8 +104,8 @@ func TestNarMatchesNix(t *testing.T) {
 // and checks them against each other and against nix-store queries.
 func TestParseRealOutputs(t *testing.T) {
 	fx := buildFixtures(t)
-	reqs := strings.Fields(string(run(t, "nix-store", "--query", "--requisites", fx["top"])))
-	dump := run(t, "nix-store", append([]string{"--dump-db"}, reqs...)...)
+	reqs := strings.Fields(string(testutil.Run(t, "nix-store", "--query", "--requisites", fx["top"])))
+	dump := testutil.Run(t, "nix-store", append([]string{"--dump-db"}, reqs...)...)
 
 	reg, err := Parse(bytes.NewReader(dump), "dump-db")
 	if err != nil {
@@ -131,15 +115,15 @@ func TestParseRealOutputs(t *testing.T) {
 		t.Fatalf("dump-db: got %d paths, want 4 (top, tree, file, link)", len(reg.Paths))
 	}
 	for _, p := range reg.Paths {
-		wantHash := strings.TrimSpace(string(run(t, "nix-store", "--query", "--hash", p.Path)))
+		wantHash := strings.TrimSpace(string(testutil.Run(t, "nix-store", "--query", "--hash", p.Path)))
 		if p.NarHash != wantHash {
 			t.Errorf("%s: hash: got %s, want %s", p.Path, p.NarHash, wantHash)
 		}
-		wantRefs := strings.Fields(string(run(t, "nix-store", "--query", "--references", p.Path)))
+		wantRefs := strings.Fields(string(testutil.Run(t, "nix-store", "--query", "--references", p.Path)))
 		if strings.Join(p.References, " ") != strings.Join(sorted(wantRefs), " ") {
 			t.Errorf("%s: references: got %q, want %q", p.Path, p.References, wantRefs)
 		}
-		wantDrv := strings.TrimSpace(string(run(t, "nix-store", "--query", "--deriver", p.Path)))
+		wantDrv := strings.TrimSpace(string(testutil.Run(t, "nix-store", "--query", "--deriver", p.Path)))
 		if p.Deriver != wantDrv {
 			t.Errorf("%s: deriver: got %q, want %q", p.Path, p.Deriver, wantDrv)
 		}
@@ -153,7 +137,7 @@ func TestParseRealOutputs(t *testing.T) {
 
 	// exportReferencesGraph text: same paths and references, no hashes, and
 	// Nix leaves the deriver line empty.
-	graph, err := Parse(bytes.NewReader(run(t, "cat", fx["graph"])), "graph")
+	graph, err := Parse(bytes.NewReader(testutil.Run(t, "cat", fx["graph"])), "graph")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +153,7 @@ func TestParseRealOutputs(t *testing.T) {
 	}
 
 	// Structured attrs JSON: the whole .attrs.json, closure under "closure".
-	js, err := Parse(bytes.NewReader(run(t, "cat", fx["sgraph"])), "attrs.json")
+	js, err := Parse(bytes.NewReader(testutil.Run(t, "cat", fx["sgraph"])), "attrs.json")
 	if err != nil {
 		t.Fatal(err)
 	}

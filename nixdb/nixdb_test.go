@@ -21,19 +21,6 @@ import (
 	"github.com/nixvm-image/nixvm-image/nixclosure"
 )
 
-var nixOpts = []string{"--option", "substituters", "", "--option", "sandbox", "false"}
-
-func run(t testing.TB, name string, args ...string) []byte {
-	t.Helper()
-	cmd := exec.Command(name, args...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, stderr.String())
-	}
-	return stdout.Bytes()
-}
-
 // synthetic returns n made-up paths, each referencing up to 4 others.
 func synthetic(n int, seed int64) []Path {
 	rnd := rand.New(rand.NewSource(seed))
@@ -234,8 +221,8 @@ func TestNixAcceptsDatabase(t *testing.T) {
 	testutil.NeedTool(t, "nix-build", "nix-store", "cp")
 	testutil.NeedRoot(t)
 	expr, _ := filepath.Abs("testdata/store.nix")
-	top := strings.TrimSpace(string(run(t, "nix-build", append([]string{expr, "--no-out-link", "-A", "top",
-		"--argstr", "salt", fmt.Sprint(time.Now().UnixNano())}, nixOpts...)...)))
+	top := strings.TrimSpace(string(testutil.Run(t, "nix-build", append([]string{expr, "--no-out-link", "-A", "top",
+		"--argstr", "salt", fmt.Sprint(time.Now().UnixNano())}, testutil.NixOffline...)...)))
 	c, err := nixclosure.FromToplevel(t.Context(), top)
 	if err != nil {
 		t.Fatal(err)
@@ -269,7 +256,7 @@ func checkWithNix(t *testing.T, c *nixclosure.Closure, top string) {
 	}
 	var names []string
 	for _, p := range c.Paths {
-		run(t, "cp", "-a", p.Path, store+"/")
+		testutil.Run(t, "cp", "-a", p.Path, store+"/")
 		names = append(names, p.Path)
 	}
 	dbDir := filepath.Join(root, "nix", "var", "nix", "db")
@@ -288,14 +275,14 @@ func checkWithNix(t *testing.T, c *nixclosure.Closure, top string) {
 	if out, err := verify(); err != nil || bytes.Contains(out, []byte("error")) || bytes.Contains(out, []byte("warning")) {
 		t.Fatalf("nix-store --verify --check-contents: %v\n%s", err, out)
 	}
-	wantDump := run(t, "nix-store", append([]string{"--dump-db"}, names...)...)
-	gotDump := run(t, "nix-store", append([]string{"--store", storeURI, "--dump-db"}, names...)...)
+	wantDump := testutil.Run(t, "nix-store", append([]string{"--dump-db"}, names...)...)
+	gotDump := testutil.Run(t, "nix-store", append([]string{"--store", storeURI, "--dump-db"}, names...)...)
 	if !bytes.Equal(gotDump, wantDump) {
 		t.Errorf("--dump-db differs:\ngot\n%s\nwant\n%s", gotDump, wantDump)
 	}
 	for _, p := range names {
-		want := run(t, "nix-store", "-q", "--references", p)
-		got := run(t, "nix-store", "--store", storeURI, "-q", "--references", p)
+		want := testutil.Run(t, "nix-store", "-q", "--references", p)
+		got := testutil.Run(t, "nix-store", "--store", storeURI, "-q", "--references", p)
 		if !bytes.Equal(got, want) {
 			t.Errorf("%s: --references: got %q, want %q", p, got, want)
 		}
@@ -308,14 +295,14 @@ func checkWithNix(t *testing.T, c *nixclosure.Closure, top string) {
 				}
 			}
 		}
-		gotRefs := strings.Fields(string(run(t, "nix-store", "--store", storeURI, "-q", "--referrers", p)))
+		gotRefs := strings.Fields(string(testutil.Run(t, "nix-store", "--store", storeURI, "-q", "--referrers", p)))
 		sort.Strings(gotRefs)
 		if strings.Join(gotRefs, " ") != strings.Join(wantRefs, " ") {
 			t.Errorf("%s: --referrers: got %q, want %q", p, gotRefs, wantRefs)
 		}
 	}
-	got := run(t, "nix-store", "--store", storeURI, "-q", "--requisites", top)
-	want := run(t, "nix-store", "-q", "--requisites", top)
+	got := testutil.Run(t, "nix-store", "--store", storeURI, "-q", "--requisites", top)
+	want := testutil.Run(t, "nix-store", "-q", "--requisites", top)
 	if !bytes.Equal(got, want) {
 		t.Errorf("--requisites: got %q, want %q", got, want)
 	}
@@ -359,8 +346,8 @@ func checkWithNix(t *testing.T, c *nixclosure.Closure, top string) {
 	if err := os.WriteFile(extra, []byte(fmt.Sprint(time.Now().UnixNano())), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	added := strings.TrimSpace(string(run(t, "nix-store", "--store", storeURI, "--add", extra)))
-	if got := run(t, "nix-store", "--store", storeURI, "-q", "--hash", added); len(got) == 0 {
+	added := strings.TrimSpace(string(testutil.Run(t, "nix-store", "--store", storeURI, "--add", extra)))
+	if got := testutil.Run(t, "nix-store", "--store", storeURI, "-q", "--hash", added); len(got) == 0 {
 		t.Errorf("%s not valid after --add", added)
 	}
 	if out, err := verify(); err != nil {

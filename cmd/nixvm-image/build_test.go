@@ -52,16 +52,10 @@ func partitionFile(t *testing.T, disk string, e partition.Extent) string {
 	return out
 }
 
+// mustRun runs a reference tool and returns its output as text.
 func mustRun(t *testing.T, name string, args ...string) string {
 	t.Helper()
-	cmd := exec.Command(name, args...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s\n%s", name, strings.Join(args, " "), err, out, stderr.Bytes())
-	}
-	return string(out)
+	return string(testutil.Run(t, name, args...))
 }
 
 func sha256File(t *testing.T, name string) string {

@@ -8,8 +8,10 @@
 package testutil
 
 import (
+	"bytes"
 	"os"
 	"os/exec"
+	"strings"
 	"testing"
 )
 
@@ -74,4 +76,21 @@ func Short(t testing.TB) {
 	if testing.Short() {
 		t.Skip("slow; skipped with -short")
 	}
+}
+
+// NixOffline are the nix-build/nix-store options that make Nix build here:
+// no binary cache, no sandbox.
+var NixOffline = []string{"--option", "substituters", "", "--option", "sandbox", "false"}
+
+// Run runs a command and returns its standard output, failing the test with
+// the argv and standard error when it fails.
+func Run(t testing.TB, name string, args ...string) []byte {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, stderr.String())
+	}
+	return stdout.Bytes()
 }
