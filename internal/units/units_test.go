@@ -15,3 +15,20 @@ func TestBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestParseSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+	}{{"4096", 4096}, {"4K", 4096}, {"1.5G", 3 << 29}, {"512MiB", 512 << 20}, {"2T", 2 << 40}, {" 8M ", 8 << 20}} {
+		got, err := ParseSize(tc.in)
+		if err != nil || got != tc.want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", tc.in, got, err, tc.want)
+		}
+	}
+	for _, bad := range []string{"", "G", "-1G", "0", "abc", "1e30T"} {
+		if _, err := ParseSize(bad); err == nil {
+			t.Errorf("ParseSize(%q) succeeded", bad)
+		}
+	}
+}
