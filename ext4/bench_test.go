@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // storeTree is shaped like a Nix store: one directory with `top` package

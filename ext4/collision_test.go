@@ -9,7 +9,7 @@ import (
 	"sort"
 	"testing"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // TestHtreeHashCollision puts two names with the same hash on both sides of

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // fuzzTree turns bytes into a tree: three bytes per entry choose its kind,

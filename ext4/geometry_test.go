@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // TestGeometries builds images of awkward sizes (partial last groups that

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
-	"github.com/nixvm-image/nixvm-image/internal/vmtest"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/vmtest"
 )
 
 // TestOnlineGrowth grows a mounted image to 64x its size with

@@ -6,12 +6,12 @@ import (
 	"os"
 	"testing"
 
-	"github.com/nixvm-image/nixvm-image/internal/fixture"
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/fixture"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // TestSmallFixture runs the parsers and the NAR code over the project's
-// realistic test closure (internal/fixture "small": ~75 MB, 19 paths of
+// realistic test closure (testkit/fixture "small": ~75 MB, 19 paths of
 // Debian packages with real references, 255-byte and non-ASCII names, a
 // 5,000-entry directory, hard links): the four descriptions Nix produced must
 // agree, and every path's HashPath must equal Nix's recorded hash.

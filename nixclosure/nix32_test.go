@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // Vectors from `nix-hash --type sha256|sha1|md5 --to-base32 HEX` (Nix 2.8).

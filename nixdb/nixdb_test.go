@@ -16,9 +16,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/internal/fixture"
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
 	"github.com/nixvm-image/nixvm-image/nixclosure"
+	"github.com/nixvm-image/nixvm-image/testkit/fixture"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // synthetic returns n made-up paths, each referencing up to 4 others.
@@ -234,7 +234,7 @@ func TestNixAcceptsDatabase(t *testing.T) {
 }
 
 // TestNixAcceptsSmallFixture does the same with the project's realistic test
-// closure (internal/fixture "small": ~75 MB, 19 paths).
+// closure (testkit/fixture "small": ~75 MB, 19 paths).
 func TestNixAcceptsSmallFixture(t *testing.T) {
 	testutil.Short(t)
 	testutil.NeedTool(t, "cp")

@@ -7,9 +7,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nixvm-image/nixvm-image/internal/fixture"
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
 	"github.com/nixvm-image/nixvm-image/nixclosure"
+	"github.com/nixvm-image/nixvm-image/testkit/fixture"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // TestReadBack writes synthetic paths and reads every row back with SQL.

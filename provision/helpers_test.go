@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
 	"github.com/nixvm-image/nixvm-image/push"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // testImage returns size bytes of random 4 KiB blocks with holes: every

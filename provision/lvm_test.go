@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
-	"github.com/nixvm-image/nixvm-image/internal/vmtest"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/vmtest"
 )
 
 // This machine's kernel has no device-mapper, so LVM volumes cannot be

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // There is no nixpkgs on the test machines, so CI checks the Nix files in

@@ -11,7 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // startLibvirtd starts Debian's libvirtd (packages libvirt-daemon and

@@ -11,7 +11,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // distinctNonZero counts the distinct non-zero blocks of images.

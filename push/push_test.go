@@ -14,7 +14,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 type duplex struct {

@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // TestExt4Image converts a real file system image (mkfs.ext4 -d of

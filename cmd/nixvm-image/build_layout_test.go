@@ -7,10 +7,10 @@ import (
 	"strings"
 	"testing"
 
-	nixfixture "github.com/nixvm-image/nixvm-image/internal/fixture"
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
 	"github.com/nixvm-image/nixvm-image/manifest"
 	"github.com/nixvm-image/nixvm-image/partition"
+	nixfixture "github.com/nixvm-image/nixvm-image/testkit/fixture"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 func readManifest(t *testing.T, name string) *manifest.Manifest {

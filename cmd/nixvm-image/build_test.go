@@ -16,9 +16,9 @@ import (
 	"syscall"
 	"testing"
 
-	nixfixture "github.com/nixvm-image/nixvm-image/internal/fixture"
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
 	"github.com/nixvm-image/nixvm-image/partition"
+	nixfixture "github.com/nixvm-image/nixvm-image/testkit/fixture"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // TestMain lets the test binary act as the CLI (NIXVM_IMAGE_RUN_MAIN=1), so

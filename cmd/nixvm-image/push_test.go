@@ -17,7 +17,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // sshHost is a real OpenSSH sshd on a loopback port with its own host key,

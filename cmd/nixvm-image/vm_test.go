@@ -17,9 +17,9 @@ import (
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/imagebuild/vm"
-	nixfixture "github.com/nixvm-image/nixvm-image/internal/fixture"
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
 	"github.com/nixvm-image/nixvm-image/partition"
+	nixfixture "github.com/nixvm-image/nixvm-image/testkit/fixture"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 var (

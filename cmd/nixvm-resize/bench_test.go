@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
-	"github.com/nixvm-image/nixvm-image/internal/vmtest"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/vmtest"
 )
 
 // TestBenchGrowVsGrowpart times, in one TCG guest, growing a 2 GiB ext4

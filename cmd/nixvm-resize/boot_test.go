@@ -12,9 +12,9 @@ import (
 	"testing"
 	"time"
 
-	nixfixture "github.com/nixvm-image/nixvm-image/internal/fixture"
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
-	"github.com/nixvm-image/nixvm-image/internal/vmtest"
+	nixfixture "github.com/nixvm-image/nixvm-image/testkit/fixture"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/vmtest"
 )
 
 // bootResizeFixture builds testdata/fixture/bootable-resize.nix (the bootable

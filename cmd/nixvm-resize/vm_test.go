@@ -17,11 +17,11 @@ import (
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/imagebuild"
-	nixfixture "github.com/nixvm-image/nixvm-image/internal/fixture"
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
-	"github.com/nixvm-image/nixvm-image/internal/vmtest"
 	"github.com/nixvm-image/nixvm-image/nixclosure"
 	"github.com/nixvm-image/nixvm-image/partition"
+	nixfixture "github.com/nixvm-image/nixvm-image/testkit/fixture"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/vmtest"
 )
 
 const mib = 1 << 20

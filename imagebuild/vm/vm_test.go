@@ -18,8 +18,8 @@ import (
 
 	"github.com/nixvm-image/nixvm-image/cpio"
 	"github.com/nixvm-image/nixvm-image/ext4"
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
 	"github.com/nixvm-image/nixvm-image/partition"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 func TestCmdline(t *testing.T) {

@@ -2,7 +2,7 @@
 // (scripts/demo-grow): it copies a built image onto a larger disk the way a
 // host provisions a guest (qemu-img convert, then qemu-img resize), boots a
 // QEMU TCG guest (the host's Debian kernel and a busybox initramfs carrying
-// nixvm-resize, see internal/vmtest) that mounts the file system labelled
+// nixvm-resize, see testkit/vmtest) that mounts the file system labelled
 // nixos, runs df -h, nixvm-resize and df -h again, and returns what the
 // guest printed.
 //
@@ -24,7 +24,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/internal/vmtest"
+	"github.com/nixvm-image/nixvm-image/testkit/vmtest"
 )
 
 // ErrGuest is returned when the guest did not grow the file system.

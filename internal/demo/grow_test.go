@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
-	"github.com/nixvm-image/nixvm-image/internal/vmtest"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/vmtest"
 )
 
 func mustRun(t *testing.T, stdin string, argv ...string) string {

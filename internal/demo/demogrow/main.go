@@ -18,7 +18,7 @@ import (
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/internal/demo"
-	"github.com/nixvm-image/nixvm-image/internal/vmtest"
+	"github.com/nixvm-image/nixvm-image/testkit/vmtest"
 )
 
 func main() {

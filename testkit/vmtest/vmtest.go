@@ -32,7 +32,7 @@ import (
 
 	"github.com/nixvm-image/nixvm-image/cpio"
 	"github.com/nixvm-image/nixvm-image/imagebuild/vm"
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // Disk is a disk attached to the guest.

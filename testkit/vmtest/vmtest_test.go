@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/cpio"
-	"github.com/nixvm-image/nixvm-image/internal/testutil"
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 func TestCmdline(t *testing.T) {
