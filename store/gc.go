@@ -1,0 +1,210 @@
+package store
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+)
+
+// GCOptions say which generations GC may remove and where to look for the
+// disks that use them.
+type GCOptions struct {
+	// Names limits GC to these image names; empty means every name.
+	Names []string
+	// Keep is how many of each name's generations to keep, newest first,
+	// counting the current one (which is kept even with Keep 0).
+	Keep int
+	// ScanDirs are searched recursively for qcow2 files whose backing chain
+	// reaches a generation, and for symlinks to one (the compatibility link).
+	ScanDirs []string
+	// Disks, if set, lists more disks to check the same way, such as the
+	// volumes of libvirt pools and the disks of libvirt domains.
+	Disks func(ctx context.Context) ([]string, error)
+	// DryRun decides but removes nothing.
+	DryRun bool
+}
+
+// Decision is what GC did (or, with DryRun, would do) to one generation.
+type Decision struct {
+	Gen    Generation
+	Remove bool
+	Reason string   // why it is kept: "current", "newest N", "referenced"
+	Users  []string // the disks or links that reference it
+}
+
+// maxChain bounds how far GC follows backing files (loops, deep chains).
+const maxChain = 32
+
+// GC removes each name's generations beyond the newest Keep, except the
+// current one and any that a disk it finds uses (directly, through a backing
+// chain, or through a symlink). It takes each name's lock, so it never runs
+// beside a push to that name.
+func (s *Store) GC(ctx context.Context, o GCOptions) ([]Decision, error) {
+	if o.Keep < 0 {
+		return nil, fmt.Errorf("store: keep %d: want 0 or more", o.Keep)
+	}
+	users, err := findUsers(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	names := o.Names
+	if len(names) == 0 {
+		if names, err = s.Names(); err != nil {
+			return nil, err
+		}
+	}
+	var out []Decision
+	for _, name := range names {
+		ds, err := s.gcName(o, name, users)
+		out = append(out, ds...)
+		if err != nil {
+			return out, err
+		}
+	}
+	return out, nil
+}
+
+func (s *Store) gcName(o GCOptions, name string, users map[string][]string) (_ []Decision, err error) {
+	l, err := s.Lock(name)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { err = errors.Join(err, l.Unlock()) }()
+	gens, err := s.List(name) // under the lock: current is up to date
+	if err != nil {
+		return nil, err
+	}
+	var out []Decision
+	for i, g := range gens {
+		d := decide(g, i, o.Keep, users[canonical(g.Path)])
+		if d.Remove && !o.DryRun {
+			if err := l.Remove(g); err != nil {
+				return append(out, d), err
+			}
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// decide applies the keep rules to generation g, the i-th of its name
+// (current first, then newest first).
+func decide(g Generation, i, keep int, users []string) Decision {
+	d := Decision{Gen: g, Users: users}
+	switch {
+	case g.Current:
+		d.Reason = "current"
+	case i < keep:
+		d.Reason = fmt.Sprintf("newest %d", keep)
+	case len(users) > 0:
+		d.Reason = "referenced"
+	default:
+		d.Remove = true
+	}
+	return d
+}
+
+// findUsers maps each file reachable from the scanned disks (canonical
+// path) to the disks that reach it.
+func findUsers(ctx context.Context, o GCOptions) (map[string][]string, error) {
+	users := map[string][]string{}
+	add := func(disk string) {
+		for _, p := range chain(disk) {
+			users[p] = append(users[p], disk)
+		}
+	}
+	for _, dir := range o.ScanDirs {
+		if err := scanDir(dir, add); err != nil {
+			return nil, err
+		}
+	}
+	if o.Disks != nil {
+		disks, err := o.Disks(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, p := range disks {
+			add(p)
+		}
+	}
+	for k := range users {
+		sort.Strings(users[k])
+	}
+	return users, nil
+}
+
+// scanDir calls add for every file, device and symlink below dir.
+func scanDir(dir string, add func(string)) error {
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if p == dir {
+				return err
+			}
+			return nil // unreadable entries below: not ours to judge
+		}
+		if d.IsDir() && d.Name() == ".partial" {
+			return filepath.SkipDir
+		}
+		if d.Type()&fs.ModeSymlink != 0 || d.Type().IsRegular() || d.Type()&fs.ModeDevice != 0 {
+			add(p)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("store: scanning %s: %w", dir, err)
+	}
+	return nil
+}
+
+// chain returns what disk uses: the file a symlink resolves to, and every
+// backing file along its qcow2 chain (canonical paths), not disk itself
+// unless it is reached through a link.
+func chain(disk string) []string {
+	var out []string
+	seen := map[string]bool{}
+	cur := canonical(disk)
+	if cur != filepath.Clean(disk) {
+		out = append(out, cur)
+	}
+	seen[cur] = true
+	for range maxChain {
+		next, ok := backingOf(cur)
+		if !ok || seen[next] {
+			return out
+		}
+		seen[next] = true
+		out = append(out, next)
+		cur = next
+	}
+	return out
+}
+
+// backingOf returns the canonical path of the backing file of the qcow2
+// at path, if it has one.
+func backingOf(path string) (string, bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", false
+	}
+	name, err := BackingFile(f)
+	f.Close()
+	if err != nil || name == "" {
+		return "", false
+	}
+	if !filepath.IsAbs(name) {
+		name = filepath.Join(filepath.Dir(path), name)
+	}
+	return canonical(name), true
+}
+
+// canonical resolves symlinks where it can (so /dev/VG/LV matches /dev/dm-3).
+func canonical(p string) string {
+	if r, err := filepath.EvalSymlinks(p); err == nil {
+		return r
+	}
+	return filepath.Clean(p)
+}
