@@ -1,6 +1,6 @@
 // Package provision creates guest disks on a host from an image generation in
-// the host's store (package push), and removes generations no guest needs
-// (GC).
+// the host's store (package store), and lists the disks libvirt knows of for
+// the store's GC (Virsh.Disks).
 //
 // A guest disk is one of:
 //

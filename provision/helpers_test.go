@@ -15,7 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/push"
+	"github.com/nixvm-image/nixvm-image/manifest"
+	"github.com/nixvm-image/nixvm-image/store"
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
@@ -31,36 +32,19 @@ func testImage(seed int64, size int) []byte {
 	return b
 }
 
-type duplex struct {
-	io.Reader
-	io.Writer
-}
-
-// pushGen pushes data into store as a new generation of name, the way a
-// host receives one, and returns it (now current).
-func pushGen(t testing.TB, store *push.Store, name string, data []byte) push.Generation {
+// putGen stores data as the new current generation of name in st, as a
+// push would, and returns it.
+func putGen(t testing.TB, st *store.Store, name string, data []byte) store.Generation {
 	t.Helper()
-	s2hR, s2hW := io.Pipe()
-	h2sR, h2sW := io.Pipe()
-	done := make(chan error, 1)
-	go func() {
-		err := push.Serve(context.Background(), duplex{s2hR, h2sW}, store)
-		h2sW.Close()
-		s2hR.Close()
-		done <- err
-	}()
-	src, err := push.NewSource(bytes.NewReader(data), int64(len(data)), nil)
+	h := manifest.NewHasher(int64(len(data)), 0)
+	if _, err := h.WriteAt(data, 0); err != nil {
+		t.Fatal(err)
+	}
+	m, err := h.Finish()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := push.Push(context.Background(), duplex{h2sR, s2hW}, src, push.Options{Name: name}); err != nil {
-		t.Fatalf("push: %v", err)
-	}
-	s2hW.Close()
-	if err := <-done; err != nil {
-		t.Fatalf("serve: %v", err)
-	}
-	g, err := store.Current(name)
+	g, err := st.Put(name, bytes.NewReader(data), m)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,8 +53,19 @@ func pushGen(t testing.TB, store *push.Store, name string, data []byte) push.Gen
 	return g
 }
 
-func newStore(t testing.TB) *push.Store {
-	return &push.Store{Dir: filepath.Join(t.TempDir(), "images")}
+func newStore(t testing.TB) *store.Store {
+	return &store.Store{Dir: filepath.Join(t.TempDir(), "images")}
+}
+
+// keptBy maps the generations gc kept to why.
+func keptBy(ds []store.Decision) map[string]string {
+	kept := map[string]string{}
+	for _, d := range ds {
+		if !d.Remove {
+			kept[d.Gen.Path] = d.Reason
+		}
+	}
+	return kept
 }
 
 // run runs a tool and returns its stdout, failing the test on error.

@@ -70,8 +70,8 @@ func TestLVM(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	store := newStore(t)
-	g := pushGen(t, store, "baseline", testImage(40, 12*mib))
+	st := newStore(t)
+	g := putGen(t, st, "baseline", testImage(40, 12*mib))
 	bin := buildNixvmImage(t, dir)
 	pv := filepath.Join(dir, "pv.raw")
 	lvCopy := filepath.Join(dir, "lv.raw")

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nixvm-image/nixvm-image/store"
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
@@ -98,8 +99,8 @@ func TestPool(t *testing.T) {
 	pool := fmt.Sprintf("nixvmtest%d", os.Getpid())
 	v := startLibvirtd(t, pool, poolDir)
 	ctx := context.Background()
-	store := newStore(t)
-	g1 := pushGen(t, store, "baseline", testImage(30, 6*mib))
+	st := newStore(t)
+	g1 := putGen(t, st, "baseline", testImage(30, 6*mib))
 
 	req := Request{Kind: Pool, Image: g1.Path, Size: 40 * mib, Pool: pool, Volume: "guest-web1", Guest: "web1", Virsh: v}
 	res, err := Provision(ctx, req)
@@ -142,12 +143,14 @@ func TestPool(t *testing.T) {
 	if err := v.PoolRefresh(ctx, pool); err != nil {
 		t.Fatal(err)
 	}
-	g2 := pushGen(t, store, "baseline", testImage(31, 6*mib))
-	ds, err := GC(ctx, GCOptions{Store: store, Pools: []string{pool}, Virsh: v})
+	g2 := putGen(t, st, "baseline", testImage(31, 6*mib))
+	ds, err := st.GC(ctx, store.GCOptions{Disks: v.Disks([]string{pool}, false)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	checkKept(t, ds, map[string]string{g1.Path: "referenced", g2.Path: "current"})
+	if kept := keptBy(ds); len(kept) != 2 || kept[g1.Path] != "referenced" || kept[g2.Path] != "current" {
+		t.Errorf("gc kept %q, want %s (referenced) and %s (current)", kept, g1.Path, g2.Path)
+	}
 	if len(ds) == 2 && (len(ds[1].Users) != 1 || ds[1].Users[0] != ov) {
 		t.Errorf("users of %s: got %q, want [%s]", g1.Path, ds[1].Users, ov)
 	}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nixvm-image/nixvm-image/store"
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 	"golang.org/x/sys/unix"
 )
@@ -25,9 +26,8 @@ func (m memWriter) WriteAt(p []byte, off int64) (int, error) { return copy(m[off
 // zero ranges are reported coalesced and in order, and that written plus
 // zeroed covers the guest disk exactly once.
 func TestCopy(t *testing.T) {
-	store := newStore(t)
 	data := testImage(1, 6*mib)
-	g := pushGen(t, store, "baseline", data)
+	g := putGen(t, newStore(t), "baseline", data)
 	f, img, err := openImage(g.Path)
 	if err != nil {
 		t.Fatal(err)
@@ -82,9 +82,9 @@ func TestCopy(t *testing.T) {
 // qemu-img compare, then shows an existing disk is left byte for byte, and
 // that --force recreates it.
 func TestFile(t *testing.T) {
-	store := newStore(t)
+	st := newStore(t)
 	data := testImage(2, 8*mib)
-	g := pushGen(t, store, "baseline", data)
+	g := putGen(t, st, "baseline", data)
 	dir := t.TempDir()
 	target := filepath.Join(dir, "web1.raw")
 	req := Request{Image: g.Path, Size: 32 * mib, Target: target}
@@ -144,8 +144,8 @@ func TestFile(t *testing.T) {
 // TestForceRefusedWhileLocked holds an OFD lock on the disk as QEMU does on
 // an image it has open; --force must refuse and leave the disk untouched.
 func TestForceRefusedWhileLocked(t *testing.T) {
-	store := newStore(t)
-	g := pushGen(t, store, "baseline", testImage(3, 2*mib))
+	st := newStore(t)
+	g := putGen(t, st, "baseline", testImage(3, 2*mib))
 	target := filepath.Join(t.TempDir(), "disk.raw")
 	before := writeRandom(t, target, mib)
 	f, err := os.OpenFile(target, os.O_RDWR, 0)
@@ -192,8 +192,8 @@ func fakeVirsh(running map[string][]string, calls *[]string) *Virsh {
 // TestForceRefusedRunningDomain: --force is refused while a running domain
 // lists the disk (through a symlink too) or while the guest itself runs.
 func TestForceRefusedRunningDomain(t *testing.T) {
-	store := newStore(t)
-	g := pushGen(t, store, "baseline", testImage(4, 2*mib))
+	st := newStore(t)
+	g := putGen(t, st, "baseline", testImage(4, 2*mib))
 	dir := t.TempDir()
 	target := filepath.Join(dir, "disk.raw")
 	before := writeRandom(t, target, mib)
@@ -233,11 +233,11 @@ func TestForceRefusedRunningDomain(t *testing.T) {
 // while it finds the overlay.
 func TestOverlay(t *testing.T) {
 	qimg := testutil.NeedTool(t, "qemu-img")[0]
-	store := newStore(t)
-	g1 := pushGen(t, store, "baseline", testImage(5, 4*mib))
+	st := newStore(t)
+	g1 := putGen(t, st, "baseline", testImage(5, 4*mib))
 	dir := t.TempDir()
 	ov := filepath.Join(dir, "ci1.qcow2")
-	res, err := Provision(context.Background(), Request{Kind: Overlay, Image: filepath.Join(store.Dir, "baseline", "current"), Target: ov, Size: 64 * mib})
+	res, err := Provision(context.Background(), Request{Kind: Overlay, Image: filepath.Join(st.Dir, "baseline", "current"), Target: ov, Size: 64 * mib})
 	if err != nil || !res.Created {
 		t.Fatalf("got %+v, %v", res, err)
 	}
@@ -264,9 +264,6 @@ func TestOverlay(t *testing.T) {
 	}
 	run(t, qimg, "check", ov)
 	compareWithBase(t, ov, "qcow2", g1.Path)
-	if got, err := backingOf(ov); err != nil || got != g1.Path {
-		t.Errorf("BackingFile: got %q, %v, want %s", got, err, g1.Path)
-	}
 
 	// Existing overlay untouched.
 	b, _ := os.ReadFile(ov)
@@ -276,181 +273,24 @@ func TestOverlay(t *testing.T) {
 	mustEqualFile(t, ov, b)
 
 	// A new push does not change the guest's disk; gc keeps what it uses.
-	g2 := pushGen(t, store, "baseline", testImage(6, 4*mib))
+	g2 := putGen(t, st, "baseline", testImage(6, 4*mib))
 	compareWithBase(t, ov, "qcow2", g1.Path)
-	ds, err := GC(context.Background(), GCOptions{Store: store, ScanDirs: []string{dir}})
+	ds, err := st.GC(context.Background(), store.GCOptions{ScanDirs: []string{dir}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	checkKept(t, ds, map[string]string{g1.Path: "referenced", g2.Path: "current"})
+	if kept := keptBy(ds); len(kept) != 2 || kept[g1.Path] != "referenced" || kept[g2.Path] != "current" {
+		t.Errorf("gc kept %q, want %s (referenced) and %s (current)", kept, g1.Path, g2.Path)
+	}
 	compareWithBase(t, ov, "qcow2", g1.Path)
 
 	// Without the directory to scan, gc does not know and removes it.
-	if _, err := GC(context.Background(), GCOptions{Store: store}); err != nil {
+	if _, err := st.GC(context.Background(), store.GCOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(g1.Path); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("unreferenced generation %s still there: %v", g1.Path, err)
 	}
-}
-
-func backingOf(p string) (string, error) {
-	f, err := os.Open(p)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	return BackingFile(f)
-}
-
-// checkKept checks GC decisions: want maps kept paths to their reasons;
-// every other generation must be removed (and gone, unless dry).
-func checkKept(t testing.TB, ds []Decision, want map[string]string) {
-	t.Helper()
-	seen := 0
-	for _, d := range ds {
-		reason, keep := want[d.Gen.Path]
-		switch {
-		case keep && (d.Remove || d.Reason != reason):
-			t.Errorf("%s: got remove=%v reason %q, want kept: %s", d.Gen.Path, d.Remove, d.Reason, reason)
-		case !keep && !d.Remove:
-			t.Errorf("%s: kept (%s), want removed", d.Gen.Path, d.Reason)
-		}
-		if keep {
-			seen++
-			if _, err := os.Stat(d.Gen.Path); err != nil {
-				t.Errorf("kept generation: %v", err)
-			}
-		}
-	}
-	if seen != len(want) {
-		t.Errorf("got %d kept of the wanted %d: %+v", seen, len(want), ds)
-	}
-}
-
-// TestGC: keep counts the current one, a symlink (the compatibility link)
-// and an overlay chain reaching a generation through another overlay keep
-// it, dry run removes nothing, and removal takes the push lock.
-func TestGC(t *testing.T) {
-	qimg := testutil.NeedTool(t, "qemu-img")[0]
-	store := newStore(t)
-	var gens []string
-	for i := range 5 {
-		gens = append(gens, pushGen(t, store, "baseline", testImage(int64(10+i), 2*mib)).Path)
-	}
-	other := pushGen(t, store, "other", testImage(20, 2*mib)).Path
-	scan := t.TempDir()
-	if err := os.Symlink(gens[0], filepath.Join(scan, "baseline.qcow2")); err != nil {
-		t.Fatal(err)
-	}
-	// top (scanned) -> mid (not scanned, named relatively) -> gens[1].
-	mid := filepath.Join(t.TempDir(), "mid.qcow2")
-	run(t, qimg, "create", "-q", "-f", "qcow2", "-b", gens[1], "-F", "qcow2", mid)
-	top := filepath.Join(scan, "sub", "top.qcow2")
-	os.MkdirAll(filepath.Dir(top), 0o755)
-	rel, _ := filepath.Rel(filepath.Dir(top), mid)
-	run(t, qimg, "create", "-q", "-f", "qcow2", "-b", rel, "-F", "qcow2", top)
-
-	o := GCOptions{Store: store, Names: []string{"baseline"}, Keep: 2, ScanDirs: []string{scan}, DryRun: true}
-	ds, err := GC(context.Background(), o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := map[string]string{gens[4]: "current", gens[3]: "newest 2", gens[1]: "referenced", gens[0]: "referenced"}
-	for _, d := range ds {
-		if _, err := os.Stat(d.Gen.Path); err != nil {
-			t.Errorf("dry run removed %s", d.Gen.Path)
-		}
-	}
-	if len(ds) != 5 {
-		t.Fatalf("got %d decisions, want 5", len(ds))
-	}
-	unlock, err := store.Lock("baseline")
-	if err != nil {
-		t.Fatal(err)
-	}
-	o.DryRun = false
-	if _, err := GC(context.Background(), o); err == nil {
-		t.Error("gc ran while a push held the lock")
-	}
-	unlock()
-	ds, err = GC(context.Background(), o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	checkKept(t, ds, want)
-	if _, err := os.Stat(gens[2] + ".manifest"); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("removed generation's manifest left: %v", err)
-	}
-	if _, err := os.Stat(other); err != nil {
-		t.Errorf("gc of baseline touched another name: %v", err)
-	}
-	// The store still lists what is left, current first.
-	left, err := store.List("baseline")
-	if err != nil || len(left) != 4 || left[0].Path != gens[4] {
-		t.Errorf("after gc: %v, %+v", err, left)
-	}
-}
-
-func TestBackingFile(t *testing.T) {
-	hdr := func(version uint32, off uint64, n uint32, name string) []byte {
-		b := make([]byte, 512)
-		copy(b, "QFI\xfb")
-		b[7] = byte(version)
-		for i := range 8 {
-			b[8+i] = byte(off >> (56 - 8*i))
-		}
-		for i := range 4 {
-			b[16+i] = byte(n >> (24 - 8*i))
-		}
-		copy(b[off:], name)
-		return b
-	}
-	for _, tc := range []struct {
-		name string
-		in   []byte
-		want string
-		err  error
-	}{
-		{"none", hdr(3, 0, 0, ""), "", nil},
-		{"v3", hdr(3, 200, 9, "/base.img"), "/base.img", nil},
-		{"v2 relative", hdr(2, 72, 4, "b.qc"), "b.qc", nil},
-		{"raw", make([]byte, 512), "", ErrNotQcow2},
-		{"short", []byte("QFI"), "", ErrNotQcow2},
-		{"version 4", hdr(4, 0, 0, ""), "", ErrBadHeader},
-		{"name past end", hdr(3, 500, 100, ""), "", ErrBadHeader},
-		{"name too long", hdr(3, 200, 5000, ""), "", ErrBadHeader},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := BackingFile(bytes.NewReader(tc.in))
-			if got != tc.want || !errors.Is(err, tc.err) || (tc.err == nil) != (err == nil) {
-				t.Errorf("got %q, %v, want %q, %v", got, err, tc.want, tc.err)
-			}
-		})
-	}
-}
-
-// FuzzBackingFile: BackingFile never panics, never returns a name longer
-// than QEMU allows, and a name it returns is exactly the bytes the header
-// points at.
-func FuzzBackingFile(f *testing.F) {
-	f.Add([]byte("QFI\xfb\x00\x00\x00\x03\x00\x00\x00\x00\x00\x00\x00\x20\x00\x00\x00\x04/a/b"))
-	f.Add(make([]byte, 100))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		name, err := BackingFile(bytes.NewReader(b))
-		if err != nil {
-			return
-		}
-		if len(name) > maxBackingName {
-			t.Fatalf("name of %d bytes", len(name))
-		}
-		if name != "" {
-			off := int(b[8])<<56 | int(b[9])<<48 | int(b[10])<<40 | int(b[11])<<32 | int(b[12])<<24 | int(b[13])<<16 | int(b[14])<<8 | int(b[15])
-			if off+len(name) > len(b) || string(b[off:off+len(name)]) != name {
-				t.Fatalf("name %q is not the bytes at %d", name, off)
-			}
-		}
-	})
 }
 
 func TestParseVirsh(t *testing.T) {

@@ -12,11 +12,14 @@ import (
 	"testing"
 
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
+
+	"github.com/nixvm-image/nixvm-image/manifest"
+	"github.com/nixvm-image/nixvm-image/store"
 )
 
 // distinctNonZero counts the distinct non-zero blocks of images.
 func distinctNonZero(t *testing.T, images ...[]byte) int64 {
-	seen := map[Hash]bool{ZeroHash: true}
+	seen := map[manifest.Hash]bool{manifest.ZeroHash(): true}
 	for _, b := range images {
 		for _, h := range source(t, b).Blocks {
 			seen[h] = true
@@ -29,7 +32,7 @@ func distinctNonZero(t *testing.T, images ...[]byte) int64 {
 func gen2Of(gen1 []byte) []byte {
 	gen2 := bytes.Clone(gen1)
 	for _, b := range []int{3, 700, 1500} {
-		rand.New(rand.NewSource(int64(b))).Read(gen2[b*BlockSize : (b+1)*BlockSize])
+		rand.New(rand.NewSource(int64(b))).Read(gen2[b*manifest.BlockSize : (b+1)*manifest.BlockSize])
 	}
 	copy(gen2[5<<20+4096:], gen1[2<<20:2<<20+64<<10])
 	return gen2
@@ -60,7 +63,7 @@ func TestPushReceivedBytes(t *testing.T) {
 			indexEntries: distinctNonZero(t, gen1)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			store := &Store{Dir: t.TempDir()}
+			host := &store.Store{Dir: t.TempDir()}
 			cache := &Cache{Dir: t.TempDir()}
 			for _, b := range tc.cached {
 				if err := cache.Put(source(t, b)); err != nil {
@@ -68,10 +71,10 @@ func TestPushReceivedBytes(t *testing.T) {
 				}
 			}
 			for _, b := range tc.host {
-				push(t, store, b, Options{})
+				push(t, host, b, Options{})
 			}
-			st := push(t, store, gen2, Options{Cache: cache})
-			checkCurrent(t, store, "baseline", gen2)
+			st := push(t, host, gen2, Options{Cache: cache})
+			checkCurrent(t, host, "baseline", gen2)
 			t.Logf("sent %d received %d: %+v", st.Sent, st.Received, st)
 			if st.Received > tc.maxReceived {
 				t.Errorf("received %d bytes, want at most %d", st.Received, tc.maxReceived)
@@ -82,8 +85,8 @@ func TestPushReceivedBytes(t *testing.T) {
 			if st.LiteralBlocks != 3 || st.ResentBlocks != 0 {
 				t.Errorf("got %d literal and %d re-sent blocks, want 3 and 0", st.LiteralBlocks, st.ResentBlocks)
 			}
-			if st.Sent > 3*BlockSize+4096 {
-				t.Errorf("sent %d bytes, want at most %d", st.Sent, 3*BlockSize+4096)
+			if st.Sent > 3*manifest.BlockSize+4096 {
+				t.Errorf("sent %d bytes, want at most %d", st.Sent, 3*manifest.BlockSize+4096)
 			}
 		})
 	}
@@ -94,14 +97,14 @@ func TestPushReceivedBytes(t *testing.T) {
 // those blocks fail the host's check and travel again as literals.
 func TestStaleCache(t *testing.T) {
 	qimg := testutil.NeedTool(t, "qemu-img")[0]
-	store := &Store{Dir: t.TempDir()}
+	host := &store.Store{Dir: t.TempDir()}
 	cache := &Cache{Dir: t.TempDir()}
 	gen1 := testImage(1, imgSize)
-	push(t, store, gen1, Options{})
+	push(t, host, gen1, Options{})
 	if err := cache.Put(source(t, gen1)); err != nil {
 		t.Fatal(err)
 	}
-	cur1 := checkCurrent(t, store, "baseline", gen1)
+	cur1 := checkCurrent(t, host, "baseline", gen1)
 	// The stored qcow2 is uncompressed: guest 64 KiB is the first data
 	// cluster at 64 KiB in the file, and the clusters follow in guest order
 	// within the first run of non-zero data (guest 64 KiB to 256 KiB).
@@ -117,7 +120,7 @@ func TestStaleCache(t *testing.T) {
 	}
 	f.Close()
 	gen2 := gen2Of(gen1)
-	st := push(t, store, gen2, Options{Cache: cache})
+	st := push(t, host, gen2, Options{Cache: cache})
 	t.Logf("sent %d received %d: %+v", st.Sent, st.Received, st)
 	if st.CachedGens != 1 || st.IndexEntries != 0 {
 		t.Errorf("got %d cached generations and %d index entries, want 1 and 0", st.CachedGens, st.IndexEntries)
@@ -127,7 +130,7 @@ func TestStaleCache(t *testing.T) {
 	if st.ResentBlocks != 2 {
 		t.Errorf("got %d re-sent blocks, want 2", st.ResentBlocks)
 	}
-	cur2 := checkCurrent(t, store, "baseline", gen2)
+	cur2 := checkCurrent(t, host, "baseline", gen2)
 	raw := filepath.Join(t.TempDir(), "gen2.raw")
 	if err := os.WriteFile(raw, gen2, 0o644); err != nil {
 		t.Fatal(err)
@@ -140,10 +143,10 @@ func TestStaleCache(t *testing.T) {
 // TestDamagedCacheEntry: a cache entry that does not read back costs an
 // index-less push its copies, never its result, and is dropped.
 func TestDamagedCacheEntry(t *testing.T) {
-	store := &Store{Dir: t.TempDir()}
+	host := &store.Store{Dir: t.TempDir()}
 	cache := &Cache{Dir: t.TempDir()}
 	gen1 := testImage(1, imgSize)
-	push(t, store, gen1, Options{})
+	push(t, host, gen1, Options{})
 	s1 := source(t, gen1)
 	if err := cache.Put(s1); err != nil {
 		t.Fatal(err)
@@ -153,8 +156,8 @@ func TestDamagedCacheEntry(t *testing.T) {
 		t.Fatal(err)
 	}
 	gen2 := gen2Of(gen1)
-	st := push(t, store, gen2, Options{Cache: cache})
-	checkCurrent(t, store, "baseline", gen2)
+	st := push(t, host, gen2, Options{Cache: cache})
+	checkCurrent(t, host, "baseline", gen2)
 	if st.CachedGens != 0 || st.CopiedBlocks >= st.LiteralBlocks {
 		t.Errorf("got %d cached generations, %d copied and %d literal blocks; want 0 cached, mostly literals", st.CachedGens, st.CopiedBlocks, st.LiteralBlocks)
 	}
@@ -264,16 +267,16 @@ func TestCacheSharedByHosts(t *testing.T) {
 		t.Fatal(err)
 	}
 	src := source(t, gen2)
-	stores := make([]*Store, 3)
-	for i := range stores {
-		stores[i] = &Store{Dir: t.TempDir()}
-		push(t, stores[i], gen1, Options{})
+	hosts := make([]*store.Store, 3)
+	for i := range hosts {
+		hosts[i] = &store.Store{Dir: t.TempDir()}
+		push(t, hosts[i], gen1, Options{})
 	}
-	stats := make([]*Stats, len(stores))
-	errs := make([]error, len(stores))
+	stats := make([]*Stats, len(hosts))
+	errs := make([]error, len(hosts))
 	var wg sync.WaitGroup
-	for i, store := range stores {
-		conn, wait := pipeSession(t, store, 0)
+	for i, host := range hosts {
+		conn, wait := pipeSession(t, host, 0)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -284,13 +287,13 @@ func TestCacheSharedByHosts(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	for i, store := range stores {
+	for i, host := range hosts {
 		if errs[i] != nil {
 			t.Fatalf("host %d: %v", i, errs[i])
 		}
 		if st := stats[i]; st.CachedGens != 1 || st.Received > 1024 || st.LiteralBlocks != 3 {
 			t.Errorf("host %d: %+v; want 1 cached generation, under 1 KiB back, 3 literal blocks", i, st)
 		}
-		checkCurrent(t, store, "baseline", gen2)
+		checkCurrent(t, host, "baseline", gen2)
 	}
 }

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"strings"
+
+	"github.com/nixvm-image/nixvm-image/store"
 )
 
 // hello opens a session.
@@ -54,7 +56,7 @@ func decodeHello(p []byte) (*hello, error) {
 		return nil, protoErr("unknown operation %d", h.Op)
 	}
 	if h.Op == opPush {
-		if err := ValidName(h.Name); err != nil {
+		if err := store.ValidName(h.Name); err != nil {
 			return nil, err
 		}
 		if h.VirtualSize <= 0 {
@@ -64,48 +66,21 @@ func decodeHello(p []byte) (*hello, error) {
 			return nil, protoErr("link %q is not an absolute path", h.Link)
 		}
 	} else if h.Name != "" {
-		if err := ValidName(h.Name); err != nil {
+		if err := store.ValidName(h.Name); err != nil {
 			return nil, err
 		}
 	}
 	return h, nil
 }
 
-// ValidName checks an image name: 1 to 64 bytes of [A-Za-z0-9._-], not
-// starting with a dot, so it is one path element and never a hidden file.
-func ValidName(name string) error {
-	if name == "" || len(name) > maxName {
-		return fmt.Errorf("%w: image name %q must be 1 to %d characters", ErrName, name, maxName)
-	}
-	if name[0] == '.' {
-		return fmt.Errorf("%w: image name %q must not start with a dot", ErrName, name)
-	}
-	for _, c := range []byte(name) {
-		ok := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-'
-		if !ok {
-			return fmt.Errorf("%w: image name %q may hold only letters, digits, '.', '_' and '-'", ErrName, name)
-		}
-	}
-	return nil
-}
-
-// Generation is one immutable image a host holds.
-type Generation struct {
-	Name        string
-	Digest      [32]byte
-	VirtualSize int64
-	Current     bool
-	Path        string // on the host; set by Store.List
-}
-
 // reply answers a hello.
 type reply struct {
 	Version uint64
 	Err     string
-	Gens    []Generation // for opPush: the named image's generations
-	Have    bool         // the host already holds the digest
-	Resume  int64        // first block the host still needs
-	Index   int          // bytes of each hash prefix in the index frames that follow; 0: no index
+	Gens    []store.Generation // for opPush: the named image's generations
+	Have    bool               // the host already holds the digest
+	Resume  int64              // first block the host still needs
+	Index   int                // bytes of each hash prefix in the index frames that follow; 0: no index
 }
 
 func (r *reply) encode(e *enc) *enc {
@@ -127,7 +102,7 @@ func decodeReply(p []byte) (*reply, error) {
 	r.Err = d.str("error", maxMessage)
 	n := d.ub("generation count", maxGenerations)
 	for i := uint64(0); i < n && d.err == nil; i++ {
-		var g Generation
+		var g store.Generation
 		g.Name = d.str("name", maxName)
 		copy(g.Digest[:], d.raw(32))
 		g.VirtualSize = int64(d.ub("virtual size", maxVirtualSize))

@@ -14,6 +14,9 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/lima-vm/go-qcow2reader"
+	"github.com/nixvm-image/nixvm-image/manifest"
+	"github.com/nixvm-image/nixvm-image/store"
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
@@ -44,13 +47,13 @@ func (c *cutWriter) Write(p []byte) (int, error) {
 
 // session runs Serve in a goroutine and returns the sender's end. cut > 0
 // breaks the connection after the sender wrote cut bytes.
-func pipeSession(t *testing.T, store *Store, cut int64) (io.ReadWriter, func() error) {
+func pipeSession(t *testing.T, host *store.Store, cut int64) (io.ReadWriter, func() error) {
 	t.Helper()
 	s2hR, s2hW := io.Pipe()
 	h2sR, h2sW := io.Pipe()
 	done := make(chan error, 1)
 	go func() {
-		err := Serve(context.Background(), duplex{s2hR, h2sW}, store)
+		err := Serve(context.Background(), duplex{s2hR, h2sW}, host)
 		h2sW.Close()
 		s2hR.Close()
 		done <- err
@@ -89,9 +92,9 @@ func source(t *testing.T, b []byte) *Source {
 	return s
 }
 
-func push(t *testing.T, store *Store, b []byte, opts Options) *Stats {
+func push(t *testing.T, host *store.Store, b []byte, opts Options) *Stats {
 	t.Helper()
-	conn, wait := pipeSession(t, store, 0)
+	conn, wait := pipeSession(t, host, 0)
 	if opts.Name == "" {
 		opts.Name = "baseline"
 	}
@@ -105,24 +108,30 @@ func push(t *testing.T, store *Store, b []byte, opts Options) *Stats {
 	return st
 }
 
-// checkCurrent checks that the host's current image reads as want.
-func checkCurrent(t *testing.T, store *Store, name string, want []byte) string {
+// checkCurrent checks that the host's current image is a read-only qcow2
+// that reads as want.
+func checkCurrent(t *testing.T, host *store.Store, name string, want []byte) string {
 	t.Helper()
-	cur := filepath.Join(store.Dir, name, "current")
+	cur := filepath.Join(host.Dir, name, "current")
 	target, err := filepath.EvalSymlinks(cur)
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, err := openGen(target)
+	f, err := os.Open(target)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer g.Close()
-	if g.img.Type() != "qcow2" {
-		t.Errorf("stored image type: got %s, want qcow2", g.img.Type())
+	defer f.Close()
+	img, err := qcow2reader.Open(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	if img.Type() != "qcow2" {
+		t.Errorf("stored image type: got %s, want qcow2", img.Type())
 	}
 	got := make([]byte, len(want))
-	if _, err := g.img.ReadAt(got, 0); err != nil && err != io.EOF {
+	if _, err := img.ReadAt(got, 0); err != nil && err != io.EOF {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(got, want) {
@@ -141,9 +150,9 @@ func checkCurrent(t *testing.T, store *Store, name string, want []byte) string {
 const imgSize = 8 << 20
 
 func TestPushFirstThenDelta(t *testing.T) {
-	store := &Store{Dir: t.TempDir()}
+	host := &store.Store{Dir: t.TempDir()}
 	gen1 := testImage(1, imgSize)
-	st := push(t, store, gen1, Options{Link: filepath.Join(store.Dir, "links", "baseline.qcow2")})
+	st := push(t, host, gen1, Options{Link: filepath.Join(host.Dir, "links", "baseline.qcow2")})
 	t.Logf("first push: sent %d received %d of %d: %+v", st.Sent, st.Received, imgSize, st)
 	if st.LiteralBlocks == 0 || st.CopiedBlocks != 0 {
 		t.Errorf("first push: got %d literal and %d copied blocks, want literals only", st.LiteralBlocks, st.CopiedBlocks)
@@ -151,60 +160,60 @@ func TestPushFirstThenDelta(t *testing.T) {
 	if st.Sent < imgSize*7/10 {
 		t.Errorf("first push of random data sent %d bytes, want about %d", st.Sent, imgSize*3/4)
 	}
-	cur1 := checkCurrent(t, store, "baseline", gen1)
-	if l, _ := filepath.EvalSymlinks(filepath.Join(store.Dir, "links", "baseline.qcow2")); l != cur1 {
+	cur1 := checkCurrent(t, host, "baseline", gen1)
+	if l, _ := filepath.EvalSymlinks(filepath.Join(host.Dir, "links", "baseline.qcow2")); l != cur1 {
 		t.Errorf("--link points at %q, want %q", l, cur1)
 	}
 
 	// Second generation: three blocks changed, one 64 KiB stretch moved.
 	gen2 := bytes.Clone(gen1)
 	for _, b := range []int{3, 700, 1500} {
-		rand.New(rand.NewSource(int64(b))).Read(gen2[b*BlockSize : (b+1)*BlockSize])
+		rand.New(rand.NewSource(int64(b))).Read(gen2[b*manifest.BlockSize : (b+1)*manifest.BlockSize])
 	}
 	copy(gen2[5<<20+4096:], gen1[2<<20:2<<20+64<<10])
-	st = push(t, store, gen2, Options{})
+	st = push(t, host, gen2, Options{})
 	t.Logf("delta push: sent %d received %d: %+v", st.Sent, st.Received, st)
 	if st.LiteralBlocks != 3 {
 		t.Errorf("delta push: got %d literal blocks, want 3", st.LiteralBlocks)
 	}
-	if st.Sent > 3*BlockSize+4096 {
-		t.Errorf("delta push sent %d bytes, want at most %d", st.Sent, 4*BlockSize)
+	if st.Sent > 3*manifest.BlockSize+4096 {
+		t.Errorf("delta push sent %d bytes, want at most %d", st.Sent, 4*manifest.BlockSize)
 	}
-	cur2 := checkCurrent(t, store, "baseline", gen2)
+	cur2 := checkCurrent(t, host, "baseline", gen2)
 	if cur2 == cur1 {
 		t.Fatal("current was not updated")
 	}
 	if _, err := os.Stat(cur1); err != nil {
 		t.Errorf("old generation gone: %v", err)
 	}
-	if l, _ := filepath.EvalSymlinks(filepath.Join(store.Dir, "links", "baseline.qcow2")); l != cur1 {
+	if l, _ := filepath.EvalSymlinks(filepath.Join(host.Dir, "links", "baseline.qcow2")); l != cur1 {
 		t.Errorf("--link moved without --link: got %q, want %q", l, cur1)
 	}
-	gens, err := store.List("baseline")
+	gens, err := host.List("baseline")
 	if err != nil || len(gens) != 2 || !gens[0].Current || gens[0].Path != cur2 {
 		t.Fatalf("List: got %+v, %v; want 2 generations, current first", gens, err)
 	}
-	if _, err := os.Stat(filepath.Join(store.Dir, "baseline", ".partial")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(host.Dir, "baseline", ".partial")); !os.IsNotExist(err) {
 		t.Errorf("partial dir left behind: %v", err)
 	}
 
 	// Identical re-push: the handshake only.
-	st = push(t, store, gen2, Options{})
+	st = push(t, host, gen2, Options{})
 	if !st.AlreadyCurrent || st.Sent+st.Received > 512 {
 		t.Errorf("identical re-push: sent %d received %d, already=%v; want a handshake under 512 bytes", st.Sent, st.Received, st.AlreadyCurrent)
 	}
 	// Going back to gen1 is a handshake too.
-	st = push(t, store, gen1, Options{})
+	st = push(t, host, gen1, Options{})
 	if !st.AlreadyCurrent || st.Sent > 256 {
 		t.Errorf("push of a held generation: sent %d, already=%v", st.Sent, st.AlreadyCurrent)
 	}
-	checkCurrent(t, store, "baseline", gen1)
+	checkCurrent(t, host, "baseline", gen1)
 }
 
 func TestQemuImgCompare(t *testing.T) {
 	qimg := testutil.NeedTool(t, "qemu-img")[0]
 	dir := t.TempDir()
-	store := &Store{Dir: filepath.Join(dir, "store")}
+	host := &store.Store{Dir: filepath.Join(dir, "store")}
 	raw := testImage(7, imgSize+3*512) // not a multiple of 4 KiB
 	rawPath := filepath.Join(dir, "src.raw")
 	if err := os.WriteFile(rawPath, raw, 0o644); err != nil {
@@ -219,7 +228,7 @@ func TestQemuImgCompare(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	conn, wait := pipeSession(t, store, 0)
+	conn, wait := pipeSession(t, host, 0)
 	if _, err := Push(context.Background(), conn, s, Options{Name: "b"}); err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +238,7 @@ func TestQemuImgCompare(t *testing.T) {
 	if s.FromManifest {
 		t.Error("OpenSource used a manifest that does not exist")
 	}
-	cur := filepath.Join(store.Dir, "b", "current")
+	cur := filepath.Join(host.Dir, "b", "current")
 	for _, args := range [][]string{{"check", cur}, {"compare", src, cur}, {"compare", "-f", "raw", rawPath, cur}} {
 		if out, err := exec.Command(qimg, args...).CombinedOutput(); err != nil {
 			t.Errorf("qemu-img %s: %v: %s", strings.Join(args, " "), err, out)
@@ -242,29 +251,29 @@ func TestResumeAfterCut(t *testing.T) {
 	gen2 := bytes.Clone(gen1)
 	rand.New(rand.NewSource(9)).Read(gen2[1<<20 : 4<<20]) // 3 MiB new
 	full := func() int64 {
-		store := &Store{Dir: t.TempDir()}
-		push(t, store, gen1, Options{})
-		return push(t, store, gen2, Options{}).Sent
+		host := &store.Store{Dir: t.TempDir()}
+		push(t, host, gen1, Options{})
+		return push(t, host, gen2, Options{}).Sent
 	}()
 	for _, cut := range []int64{10, 100, 200 << 10, 1 << 20, 2 << 20, full - 10} {
-		store := &Store{Dir: t.TempDir()}
-		push(t, store, gen1, Options{})
-		cur1 := checkCurrent(t, store, "baseline", gen1)
+		host := &store.Store{Dir: t.TempDir()}
+		push(t, host, gen1, Options{})
+		cur1 := checkCurrent(t, host, "baseline", gen1)
 
-		conn, wait := pipeSession(t, store, cut)
+		conn, wait := pipeSession(t, host, cut)
 		st1, err := Push(context.Background(), conn, source(t, gen2), Options{Name: "baseline", CheckpointBytes: 1 << 20})
 		if err == nil {
 			t.Fatalf("cut at %d: push succeeded", cut)
 		}
 		wait()
-		if got := checkCurrent(t, store, "baseline", gen1); got != cur1 {
+		if got := checkCurrent(t, host, "baseline", gen1); got != cur1 {
 			t.Fatalf("cut at %d: current moved to %s", cut, got)
 		}
-		st2 := push(t, store, gen2, Options{})
-		checkCurrent(t, store, "baseline", gen2)
+		st2 := push(t, host, gen2, Options{})
+		checkCurrent(t, host, "baseline", gen2)
 		total := st1.Sent + st2.Sent
 		t.Logf("cut at %d: first run sent %d, resumed at block %d sending %d; uncut push sent %d", cut, st1.Sent, st2.ResumedAt, st2.Sent, full)
-		if total > full+maxLiteralBlocks*BlockSize+8<<10 {
+		if total > full+maxLiteralBlocks*manifest.BlockSize+8<<10 {
 			t.Errorf("cut at %d: sent %d in all, want at most one frame more than %d", cut, total, full)
 		}
 		if cut > 2<<20 && st2.ResumedAt == 0 {
@@ -274,10 +283,10 @@ func TestResumeAfterCut(t *testing.T) {
 }
 
 func TestCorruptOldBlockIsResent(t *testing.T) {
-	store := &Store{Dir: t.TempDir()}
+	host := &store.Store{Dir: t.TempDir()}
 	gen1 := testImage(1, imgSize)
-	push(t, store, gen1, Options{})
-	cur1 := checkCurrent(t, store, "baseline", gen1)
+	push(t, host, gen1, Options{})
+	cur1 := checkCurrent(t, host, "baseline", gen1)
 	// Guest block 16 (64 KiB, the first data after the zero stretch) is the
 	// first data cluster of the uncompressed qcow2, right after the header cluster.
 	os.Chmod(cur1, 0o644)
@@ -291,39 +300,39 @@ func TestCorruptOldBlockIsResent(t *testing.T) {
 	f.Close()
 	gen2 := bytes.Clone(gen1)
 	gen2[imgSize-1] ^= 1
-	st := push(t, store, gen2, Options{})
+	st := push(t, host, gen2, Options{})
 	if st.ResentBlocks != 1 {
 		t.Errorf("got %d re-sent blocks, want 1", st.ResentBlocks)
 	}
-	checkCurrent(t, store, "baseline", gen2)
+	checkCurrent(t, host, "baseline", gen2)
 }
 
 func TestLockedName(t *testing.T) {
-	store := &Store{Dir: t.TempDir()}
-	unlock, err := store.lock("baseline")
+	host := &store.Store{Dir: t.TempDir()}
+	l, err := host.Lock("baseline")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer unlock()
-	conn, wait := pipeSession(t, store, 0)
+	defer l.Unlock()
+	conn, wait := pipeSession(t, host, 0)
 	_, err = Push(context.Background(), conn, source(t, testImage(1, 1<<20)), Options{Name: "baseline"})
 	if !errors.Is(err, ErrRemote) || !strings.Contains(err.Error(), "in progress") {
 		t.Fatalf("push to a locked name: got %v, want a remote 'in progress' error", err)
 	}
-	if err := wait(); !errors.Is(err, ErrBusy) {
-		t.Fatalf("serve: got %v, want ErrBusy", err)
+	if err := wait(); !errors.Is(err, store.ErrBusy) {
+		t.Fatalf("serve: got %v, want store.ErrBusy", err)
 	}
 }
 
 func TestConcurrentPushes(t *testing.T) {
-	store := &Store{Dir: t.TempDir()}
+	host := &store.Store{Dir: t.TempDir()}
 	var wg sync.WaitGroup
 	errs := make([]error, 2)
 	for i := range 2 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			conn, wait := pipeSession(t, store, 0)
+			conn, wait := pipeSession(t, host, 0)
 			_, errs[i] = Push(context.Background(), conn, source(t, testImage(int64(i), 4<<20)), Options{Name: "baseline"})
 			wait()
 		}()
@@ -356,7 +365,7 @@ func TestGarbagePeer(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out bytes.Buffer
-			err := Serve(context.Background(), duplex{strings.NewReader(tc.input), &out}, &Store{Dir: t.TempDir()})
+			err := Serve(context.Background(), duplex{strings.NewReader(tc.input), &out}, &store.Store{Dir: t.TempDir()})
 			if err == nil {
 				t.Fatal("serve accepted garbage")
 			}
@@ -379,7 +388,7 @@ func TestVersionMismatch(t *testing.T) {
 	fw.frame(frameHello, h.encode(&e))
 	fw.flush()
 	var out bytes.Buffer
-	err := Serve(context.Background(), duplex{&in, &out}, &Store{Dir: t.TempDir()})
+	err := Serve(context.Background(), duplex{&in, &out}, &store.Store{Dir: t.TempDir()})
 	if !errors.Is(err, ErrVersion) || !strings.Contains(err.Error(), "version 1,") || !strings.Contains(err.Error(), fmt.Sprintf("version %d;", Version)) {
 		t.Fatalf("serve: got %v, want ErrVersion naming 1 and %d", err, Version)
 	}
@@ -413,30 +422,19 @@ func TestDiskFull(t *testing.T) {
 		testutil.Skip(t, "mount tmpfs: %v: %s", err, out)
 	}
 	defer exec.Command("umount", dir).Run()
-	store := &Store{Dir: dir}
+	host := &store.Store{Dir: dir}
 	gen1 := testImage(1, 4<<20)
-	push(t, store, gen1, Options{})
-	cur1 := checkCurrent(t, store, "baseline", gen1)
-	conn, wait := pipeSession(t, store, 0)
+	push(t, host, gen1, Options{})
+	cur1 := checkCurrent(t, host, "baseline", gen1)
+	conn, wait := pipeSession(t, host, 0)
 	_, err := Push(context.Background(), conn, source(t, testImage(2, 16<<20)), Options{Name: "baseline"})
 	if err == nil || !strings.Contains(err.Error(), "no space left") {
 		t.Fatalf("push to a full disk: got %v, want 'no space left'", err)
 	}
 	t.Logf("disk full: %v", err)
 	wait()
-	if got := checkCurrent(t, store, "baseline", gen1); got != cur1 {
+	if got := checkCurrent(t, host, "baseline", gen1); got != cur1 {
 		t.Fatalf("current moved to %s", got)
-	}
-}
-
-func TestValidName(t *testing.T) {
-	for name, ok := range map[string]bool{
-		"baseline": true, "a.b_c-1": true, "": false, ".hidden": false, "a/b": false,
-		"..": false, "x y": false, strings.Repeat("a", 65): false, "ü": false,
-	} {
-		if err := ValidName(name); (err == nil) != ok {
-			t.Errorf("ValidName(%q): got %v, want ok=%v", name, err, ok)
-		}
 	}
 }
 
@@ -451,13 +449,14 @@ func TestSourceManifest(t *testing.T) {
 		t.Fatalf("qemu-img convert: %v: %s", err, out)
 	}
 	want := source(t, raw)
-	writeManifest := func(blocks []Hash) {
+	writeManifest := func(blocks []manifest.Hash) {
 		f, err := os.Create(img + ".manifest")
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer f.Close()
-		if err := writeIndex(f, int64(len(raw)), blocks); err != nil {
+		m := &manifest.Manifest{VirtualSize: int64(len(raw)), Blocks: blocks, Digest: manifest.ComputeDigest(blocks)}
+		if _, err := m.WriteTo(f); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -478,16 +477,16 @@ func TestSourceManifest(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	store := &Store{Dir: filepath.Join(dir, "store")}
-	conn, wait := pipeSession(t, store, 0)
+	host := &store.Store{Dir: filepath.Join(dir, "store")}
+	conn, wait := pipeSession(t, host, 0)
 	_, err = Push(context.Background(), conn, s, Options{Name: "a"})
 	if !errors.Is(err, ErrRemote) || !strings.Contains(err.Error(), "digest") {
 		t.Fatalf("push with a stale manifest: got %v, want a remote digest mismatch", err)
 	}
-	if err := wait(); !errors.Is(err, ErrDigest) {
-		t.Fatalf("serve: got %v, want ErrDigest", err)
+	if err := wait(); !errors.Is(err, store.ErrDigest) {
+		t.Fatalf("serve: got %v, want store.ErrDigest", err)
 	}
-	if _, err := os.Lstat(filepath.Join(store.Dir, "a", "current")); !os.IsNotExist(err) {
+	if _, err := os.Lstat(filepath.Join(host.Dir, "a", "current")); !os.IsNotExist(err) {
 		t.Fatalf("current exists after a failed push: %v", err)
 	}
 }
@@ -498,7 +497,7 @@ func TestHelperServe(t *testing.T) {
 	if dir == "" {
 		t.Skip("helper process only")
 	}
-	if err := Serve(context.Background(), duplex{os.Stdin, os.Stdout}, &Store{Dir: dir}); err != nil {
+	if err := Serve(context.Background(), duplex{os.Stdin, os.Stdout}, &store.Store{Dir: dir}); err != nil {
 		os.Exit(3)
 	}
 	os.Exit(0)
@@ -508,15 +507,15 @@ func TestHelperServe(t *testing.T) {
 // chance to save anything then), so the resume point is the last checkpoint
 // the sender asked for.
 func TestResumeAfterHostKilled(t *testing.T) {
-	store := &Store{Dir: t.TempDir()}
+	host := &store.Store{Dir: t.TempDir()}
 	gen1 := testImage(1, imgSize)
-	push(t, store, gen1, Options{})
-	cur1 := checkCurrent(t, store, "baseline", gen1)
+	push(t, host, gen1, Options{})
+	cur1 := checkCurrent(t, host, "baseline", gen1)
 	gen2 := bytes.Clone(gen1)
 	rand.New(rand.NewSource(9)).Read(gen2[1<<20 : 7<<20]) // 6 MiB new
 
 	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperServe$")
-	cmd.Env = append(os.Environ(), "NIXVM_PUSH_HELPER_STORE="+store.Dir)
+	cmd.Env = append(os.Environ(), "NIXVM_PUSH_HELPER_STORE="+host.Dir)
 	stdin, _ := cmd.StdinPipe()
 	stdout, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {
@@ -528,11 +527,11 @@ func TestResumeAfterHostKilled(t *testing.T) {
 		t.Fatal("push to a killed host succeeded")
 	}
 	cmd.Wait()
-	if got := checkCurrent(t, store, "baseline", gen1); got != cur1 {
+	if got := checkCurrent(t, host, "baseline", gen1); got != cur1 {
 		t.Fatalf("current moved to %s", got)
 	}
-	st := push(t, store, gen2, Options{})
-	checkCurrent(t, store, "baseline", gen2)
+	st := push(t, host, gen2, Options{})
+	checkCurrent(t, host, "baseline", gen2)
 	t.Logf("killed after 4 MiB sent: resumed at block %d, sent %d more", st.ResumedAt, st.Sent)
 	// 4 MiB of random literals reach block 256+~1000; checkpoints every 1 MiB of image.
 	if st.ResumedAt < 512 || st.ResumedAt > 1300 {

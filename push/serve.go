@@ -5,19 +5,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
 
-	"github.com/klauspost/compress/zstd"
+	"github.com/nixvm-image/nixvm-image/manifest"
+	"github.com/nixvm-image/nixvm-image/store"
 )
 
 // Serve runs the host half of one session on conn (stdin/stdout of
 // `nixvm-image serve`): it answers a list request, or receives a push into
-// store. Errors are also sent to the peer when the connection still works.
+// st. Errors are also sent to the peer when the connection still works.
 // A broken connection leaves a checkpoint, so the next push resumes.
-func Serve(ctx context.Context, conn io.ReadWriter, store *Store) error {
+func Serve(ctx context.Context, conn io.ReadWriter, st *store.Store) error {
 	fr := newFrameReader(conn)
 	fw := newFrameWriter(conn)
-	s := &session{store: store, fr: fr, fw: fw}
+	s := &session{store: st, fr: fr, fw: fw}
 	err := s.run(ctx)
 	if err != nil && !s.peerGone {
 		var e enc
@@ -35,7 +35,7 @@ func truncate(s string, n int) string {
 }
 
 type session struct {
-	store    *Store
+	store    *store.Store
 	fr       *frameReader
 	fw       *frameWriter
 	e        enc
@@ -113,12 +113,13 @@ func (s *session) list(h *hello) error {
 	return s.fw.flush()
 }
 
-func (s *session) push(ctx context.Context, h *hello) error {
-	unlock, err := s.store.lock(h.Name)
+// push receives the image h announces under its name's lock.
+func (s *session) push(ctx context.Context, h *hello) (err error) {
+	l, err := s.store.Lock(h.Name)
 	if err != nil {
 		return err
 	}
-	defer unlock()
+	defer func() { err = errors.Join(err, l.Unlock()) }()
 	gens, err := s.store.List(h.Name)
 	if err != nil {
 		return err
@@ -133,86 +134,100 @@ func (s *session) push(ctx context.Context, h *hello) error {
 		}
 	}
 	if r.Have {
-		if err := s.store.activate(h.Name, h.Digest, h.Link); err != nil {
+		if err := l.Activate(h.Digest, h.Link); err != nil {
 			return err
 		}
 		s.fw.frame(frameReply, r.encode(&s.e))
 		return s.fw.flush()
 	}
-	p, err := s.store.openPartial(h.Name, h.Digest, h.VirtualSize)
+	p, err := l.OpenPartial(h.Digest, h.VirtualSize)
 	if err != nil {
 		return err
 	}
-	defer p.close()
-	r.Resume = p.next
-	// Every generation's block hashes, for checking copies. The sender has
-	// the manifests of the generations it listed as known: it gets no index
-	// for those, and none for their blocks in other generations.
-	known := map[[32]byte]bool{}
-	for _, k := range h.Known {
-		known[k] = true
-	}
-	idx := make([][]Hash, len(gens)+1)
-	seen := map[Hash]bool{ZeroHash: true}
-	var unknown []int
-	for gi, g := range gens {
-		blocks, err := s.store.loadIndex(g)
-		if err != nil {
-			blocks = nil // unusable: never offered, every copy from it fails
-		}
-		idx[gi+1] = blocks
-		if !known[g.Digest] {
-			unknown = append(unknown, gi)
-			continue
-		}
-		for _, hh := range blocks {
-			seen[hh] = true
-		}
-	}
-	// An index of the other generations: each distinct block once.
-	ents := make([][]indexEntry, len(gens)+1)
-	total := 0
-	for _, gi := range unknown {
-		for b, hh := range idx[gi+1] {
-			if !seen[hh] {
-				seen[hh] = true
-				ents[gi+1] = append(ents[gi+1], indexEntry{Block: int64(b)})
-			}
-		}
-		total += len(ents[gi+1])
-	}
-	if total > 0 {
-		r.Index = indexWidth(total)
-	}
-	if err := s.fw.frame(frameReply, r.encode(&s.e)); err != nil {
-		return err
-	}
-	for gi, es := range ents {
-		for i := range es {
-			es[i].Prefix = prefixOf(idx[gi][es[i].Block], r.Index)
-		}
-		for len(es) > 0 {
-			n := min(len(es), 1<<16)
-			s.fw.frame(frameIndex, encodeIndex(&s.e, gi, r.Index, es[:n]))
-			es = es[n:]
-		}
-	}
-	if r.Index > 0 {
-		s.fw.frame(frameIndexEnd, s.e.reset())
-	}
+	defer p.Close()
+	r.Resume = p.Next
+	idx := s.offer(r, h.Known)
 	if err := s.fw.flush(); err != nil {
 		return err
 	}
-	rc := &receiver{s: s, h: h, p: p, idx: idx, gens: gens, readers: map[int]*genReader{}}
+	rc := &receiver{s: s, h: h, l: l, p: p, idx: idx, gens: gens, readers: map[int]*store.Reader{}}
 	defer rc.closeReaders()
 	err = rc.stream(ctx)
 	if err != nil && s.peerGone {
 		// The connection broke: keep what arrived for the next push.
-		if cerr := p.checkpoint(); cerr != nil {
+		if cerr := p.Checkpoint(); cerr != nil {
 			err = fmt.Errorf("%w (and saving the resume point failed: %v)", err, cerr)
 		}
 	}
 	return err
+}
+
+// offer sends reply r and, for the generations the sender does not know,
+// an index of the blocks it cannot know otherwise. It returns every
+// generation's block hashes, for checking copies: [gen], idx[0] unused.
+func (s *session) offer(r *reply, knownDigests [][32]byte) [][]manifest.Hash {
+	known := map[[32]byte]bool{}
+	for _, k := range knownDigests {
+		known[k] = true
+	}
+	idx := make([][]manifest.Hash, len(r.Gens)+1)
+	seen := map[manifest.Hash]bool{manifest.ZeroHash(): true}
+	var unknown []int
+	for gi, g := range r.Gens {
+		m, err := s.store.Manifest(g)
+		if err == nil { // else unusable: never offered, every copy from it fails
+			idx[gi+1] = m.Blocks
+		}
+		if !known[g.Digest] {
+			unknown = append(unknown, gi+1)
+			continue
+		}
+		for _, hh := range idx[gi+1] {
+			seen[hh] = true
+		}
+	}
+	ents, total := newBlocks(idx, unknown, seen)
+	if total > 0 {
+		r.Index = indexWidth(total)
+	}
+	if s.fw.frame(frameReply, r.encode(&s.e)) == nil {
+		s.sendIndex(r.Index, idx, ents)
+	}
+	return idx
+}
+
+// newBlocks lists, for the unknown generations, each block whose hash is
+// not in seen, each distinct hash once.
+func newBlocks(idx [][]manifest.Hash, unknown []int, seen map[manifest.Hash]bool) ([][]indexEntry, int) {
+	ents := make([][]indexEntry, len(idx))
+	total := 0
+	for _, gi := range unknown {
+		for b, hh := range idx[gi] {
+			if !seen[hh] {
+				seen[hh] = true
+				ents[gi] = append(ents[gi], indexEntry{Block: int64(b)})
+			}
+		}
+		total += len(ents[gi])
+	}
+	return ents, total
+}
+
+// sendIndex writes the index frames (errors are sticky in the frame writer).
+func (s *session) sendIndex(width int, idx [][]manifest.Hash, ents [][]indexEntry) {
+	for gi, es := range ents {
+		for i := range es {
+			es[i].Prefix = prefixOf(idx[gi][es[i].Block], width)
+		}
+		for len(es) > 0 {
+			n := min(len(es), 1<<16)
+			s.fw.frame(frameIndex, encodeIndex(&s.e, gi, width, es[:n]))
+			es = es[n:]
+		}
+	}
+	if width > 0 {
+		s.fw.frame(frameIndexEnd, s.e.reset())
+	}
 }
 
 // indexWidth is the bytes of hash prefix an index of n blocks sends: 3
@@ -225,249 +240,4 @@ func indexWidth(n int) int {
 		return 3
 	}
 	return 4
-}
-
-type receiver struct {
-	s       *session
-	h       *hello
-	p       *partial
-	idx     [][]Hash // [gen] block hashes; idx[0] unused (self = p.hashes)
-	gens    []Generation
-	readers map[int]*genReader
-	dec     *zstd.Decoder
-	buf     []byte
-	sinceCk int64
-}
-
-func (rc *receiver) closeReaders() {
-	for _, r := range rc.readers {
-		r.Close()
-	}
-	if rc.dec != nil {
-		rc.dec.Close()
-	}
-}
-
-func (rc *receiver) stream(ctx context.Context) error {
-	p := rc.p
-	fixup := false
-	var err error
-	rc.dec, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(maxLiteralBlocks*BlockSize+(1<<20)), zstd.WithDecodeAllCapLimit(true))
-	if err != nil {
-		return err
-	}
-	rc.buf = make([]byte, maxLiteralBlocks*BlockSize)
-	for {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		typ, payload, err := rc.s.read()
-		if err != nil {
-			return err
-		}
-		o, err := decodeOp(typ, payload, p.n, len(rc.gens))
-		if err != nil {
-			return err
-		}
-		if o.Type != frameEnd && o.Type != frameCheckpoint {
-			if fixup && o.Type != frameLiteral {
-				return protoErr("frame type %d while re-sending missing blocks", o.Type)
-			}
-			if !fixup && o.Start != p.next {
-				return protoErr("blocks out of order: got run at %d, want %d", o.Start, p.next)
-			}
-		}
-		switch o.Type {
-		case frameZero:
-			for i := o.Start; i < o.Start+o.Count; i++ {
-				p.hashes[i] = ZeroHash
-			}
-			p.next += o.Count
-		case frameCopy:
-			if err := rc.copyRun(o); err != nil {
-				return err
-			}
-			p.next += o.Count
-		case frameLiteral:
-			if fixup {
-				for i := o.Start; i < o.Start+o.Count; i++ {
-					if !p.missing[i] {
-						return protoErr("re-sent block %d was not missing", i)
-					}
-				}
-			}
-			if err := rc.literal(o); err != nil {
-				return err
-			}
-			if fixup {
-				for i := o.Start; i < o.Start+o.Count; i++ {
-					delete(p.missing, i)
-					p.fixed = append(p.fixed, i)
-				}
-			} else {
-				p.next += o.Count
-			}
-		case frameCheckpoint:
-			if o.Start != p.next {
-				return protoErr("checkpoint at %d, but %d blocks arrived", o.Start, p.next)
-			}
-			if err := p.checkpoint(); err != nil {
-				return fmt.Errorf("push: saving progress in %s: %w", p.dir, err)
-			}
-		case frameEnd:
-			if p.next != p.n {
-				return protoErr("end of stream after %d blocks, want %d", p.next, p.n)
-			}
-			if len(p.missing) > 0 {
-				if err := p.checkpoint(); err != nil {
-					return fmt.Errorf("push: saving progress in %s: %w", p.dir, err)
-				}
-				fixup = true
-				res := &result{Missing: runsOf(p.missing)}
-				if len(res.Missing) > maxRanges {
-					res.Missing = res.Missing[:maxRanges]
-				}
-				rc.s.fw.frame(frameResult, res.encode(&rc.s.e))
-				if err := rc.s.fw.flush(); err != nil {
-					return err
-				}
-				continue
-			}
-			if got := Digest(p.hashes); got != rc.h.Digest {
-				p.discard()
-				return fmt.Errorf("%w: the received image has digest %x, the sender announced %x (a stale IMAGE.manifest beside the image? delete it); push again", ErrDigest, got, rc.h.Digest)
-			}
-			if err := rc.s.store.commit(rc.h.Name, p); err != nil {
-				return fmt.Errorf("push: storing generation %x of %q: %w", rc.h.Digest[:8], rc.h.Name, err)
-			}
-			if err := rc.s.store.activate(rc.h.Name, rc.h.Digest, rc.h.Link); err != nil {
-				return err
-			}
-			rc.s.fw.frame(frameResult, (&result{}).encode(&rc.s.e))
-			return rc.s.fw.flush()
-		}
-	}
-}
-
-func runsOf(set map[int64]bool) []run {
-	var bs []int64
-	for b := range set {
-		bs = append(bs, b)
-	}
-	sort.Slice(bs, func(i, j int) bool { return bs[i] < bs[j] })
-	var rs []run
-	for _, b := range bs {
-		if n := len(rs); n > 0 && rs[n-1].Start+rs[n-1].Count == b {
-			rs[n-1].Count++
-		} else {
-			rs = append(rs, run{b, 1})
-		}
-	}
-	return rs
-}
-
-func (rc *receiver) literal(o *op) error {
-	want := int(o.Count) * BlockSize
-	out, err := rc.dec.DecodeAll(o.Data, rc.buf[:0])
-	if err != nil {
-		return protoErr("literal at block %d: %v", o.Start, err)
-	}
-	if len(out) != want {
-		return protoErr("literal at block %d: got %d bytes, want %d", o.Start, len(out), want)
-	}
-	for i := int64(0); i < o.Count; i++ {
-		rc.p.hashes[o.Start+i] = hashBlock(out[i*BlockSize : (i+1)*BlockSize])
-	}
-	if err := rc.p.writeBlocks(o.Start, out); err != nil {
-		return fmt.Errorf("push: writing the received image: %w", err)
-	}
-	return nil
-}
-
-// copyRun copies blocks the host already holds, checking each source block
-// against its recorded hash and the run against the sender's sum. Blocks
-// that fail are recorded as missing and asked for again at the end.
-func (rc *receiver) copyRun(o *op) error {
-	p := rc.p
-	var src []Hash
-	var read func(start int64, buf []byte) error
-	if o.Gen == 0 {
-		if o.Src+o.Count > o.Start {
-			return protoErr("copy of blocks %d+%d from the image itself reaches block %d being written", o.Src, o.Count, o.Start)
-		}
-		src = p.hashes
-		read = p.readBlocks
-	} else {
-		src = rc.idx[o.Gen]
-		if o.Src+o.Count > int64(len(src)) {
-			return protoErr("copy of blocks %d+%d from generation %d of %d blocks", o.Src, o.Count, o.Gen, len(src))
-		}
-		r := rc.readers[o.Gen]
-		if r == nil {
-			var err error
-			if r, err = openGen(rc.gens[o.Gen-1].Path); err != nil {
-				return err
-			}
-			rc.readers[o.Gen] = r
-		}
-		read = r.readBlocks
-	}
-	if src == nil || o.Src+o.Count > int64(len(src)) {
-		for i := o.Start; i < o.Start+o.Count; i++ {
-			p.missing[i] = true
-		}
-		return nil
-	}
-	expect := src[o.Src : o.Src+o.Count]
-	if runSum(expect) != o.Sum {
-		// The sender matched a hash prefix that is not the block it wants.
-		for i := o.Start; i < o.Start+o.Count; i++ {
-			p.missing[i] = true
-		}
-		return nil
-	}
-	for done := int64(0); done < o.Count; {
-		n := min(o.Count-done, maxLiteralBlocks)
-		buf := rc.buf[:n*BlockSize]
-		if err := read(o.Src+done, buf); err != nil {
-			return fmt.Errorf("push: reading a stored generation: %w", err)
-		}
-		// Write runs of good non-zero blocks with one call each.
-		first := int64(-1)
-		write := func(end int64) error {
-			if first < 0 {
-				return nil
-			}
-			err := p.writeBlocks(o.Start+done+first, buf[first*BlockSize:end*BlockSize])
-			first = -1
-			if err != nil {
-				return fmt.Errorf("push: writing the received image: %w", err)
-			}
-			return nil
-		}
-		for i := int64(0); i < n; i++ {
-			dst := o.Start + done + i
-			want := expect[done+i]
-			good := hashBlock(buf[i*BlockSize:(i+1)*BlockSize]) == want
-			if good {
-				p.hashes[dst] = want
-			} else {
-				p.missing[dst] = true
-			}
-			if !good || want == ZeroHash {
-				if err := write(i); err != nil {
-					return err
-				}
-				continue
-			}
-			if first < 0 {
-				first = i
-			}
-		}
-		if err := write(n); err != nil {
-			return err
-		}
-		done += n
-	}
-	return nil
 }

@@ -6,6 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"github.com/nixvm-image/nixvm-image/manifest"
+	"github.com/nixvm-image/nixvm-image/store"
 )
 
 // Wire format.
@@ -63,15 +66,15 @@ const (
 const (
 	maxFrame         = 2 << 20       // payload bytes of one frame
 	maxLiteralBlocks = 256           // blocks in one literal frame (1 MiB)
-	maxName          = 64            // image name bytes
+	maxName          = store.MaxName // image name bytes
 	maxPath          = 4096          // --link path bytes
 	maxMessage       = 4096          // error message bytes
 	maxGenerations   = 1024          // generations listed in a reply
-	maxVirtualSize   = 1 << 40       // 1 TiB
+	maxVirtualSize   = manifest.MaxVirtualSize
 	maxIndexEntries  = maxFrame / 5  // entries in one index frame
 	maxKnown         = 64            // cached generations a hello lists
 	maxRanges        = maxFrame / 20 // missing ranges in one result
-	maxBlocks        = maxVirtualSize / BlockSize
+	maxBlocks        = maxVirtualSize / manifest.BlockSize
 	_                = maxBlocks
 )
 

@@ -6,8 +6,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/nixvm-image/nixvm-image/internal/units"
-	"github.com/nixvm-image/nixvm-image/provision"
-	"github.com/nixvm-image/nixvm-image/push"
+	"github.com/nixvm-image/nixvm-image/store"
 	"github.com/spf13/pflag"
 )
 
@@ -47,7 +46,7 @@ Examples:
 			fs.StringArrayVar(&o.Scan, "scan", nil, "a directory to search for disks and links that use generations (repeatable)")
 			fs.StringArrayVar(&o.Pools, "pool", nil, "a libvirt pool whose volumes to check (repeatable)")
 			fs.BoolVar(&o.Domains, "domains", false, "also check every disk of every libvirt domain")
-			fs.StringVar(&o.StoreDir, "store-dir", push.DefaultStoreDir, "the image store")
+			fs.StringVar(&o.StoreDir, "store-dir", store.DefaultDir, "the image store")
 			fs.StringVarP(&o.Connect, "connect", "c", "", "libvirt URI for virsh")
 			return func(ctx context.Context, c Context, args []string) error { return runGC(ctx, o, c, args) }
 		},
@@ -62,18 +61,19 @@ func runGC(ctx context.Context, o *gcOptions, c Context, args []string) error {
 		return usagef("--keep N is required (N >= 0; the current generation is always kept)")
 	}
 	for _, n := range o.Names {
-		if err := push.ValidName(n); err != nil {
+		if err := store.ValidName(n); err != nil {
 			return usageError{fmt.Errorf("--name: %w", err)}
 		}
 	}
-	opts := provision.GCOptions{Store: &push.Store{Dir: o.StoreDir}, Names: o.Names, Keep: o.Keep,
-		ScanDirs: o.Scan, Pools: o.Pools, Domains: o.Domains, DryRun: o.DryRun}
+	opts := store.GCOptions{Names: o.Names, Keep: o.Keep, ScanDirs: o.Scan, DryRun: o.DryRun}
 	if len(o.Pools) > 0 || o.Domains {
-		if opts.Virsh = findVirsh(o.Connect); opts.Virsh == nil {
+		v := findVirsh(o.Connect)
+		if v == nil {
 			return fmt.Errorf("--pool and --domains need virsh (libvirt's client), which is not installed here")
 		}
+		opts.Disks = v.Disks(o.Pools, o.Domains)
 	}
-	ds, err := provision.GC(ctx, opts)
+	ds, err := (&store.Store{Dir: o.StoreDir}).GC(ctx, opts)
 	tw := tabwriter.NewWriter(c.Stdout, 0, 4, 2, ' ', 0)
 	var removed, freed int64
 	for _, d := range ds {

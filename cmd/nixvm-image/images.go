@@ -8,6 +8,7 @@ import (
 
 	"github.com/nixvm-image/nixvm-image/internal/units"
 	"github.com/nixvm-image/nixvm-image/push"
+	"github.com/nixvm-image/nixvm-image/store"
 	"github.com/spf13/pflag"
 )
 
@@ -41,13 +42,13 @@ func runImages(ctx context.Context, o *imagesOptions, c Context, args []string) 
 		return usagef("at most one HOST, got %d", len(args))
 	}
 	if o.Name != "" {
-		if err := push.ValidName(o.Name); err != nil {
+		if err := store.ValidName(o.Name); err != nil {
 			return usageError{fmt.Errorf("--name: %w", err)}
 		}
 	}
-	var gens []push.Generation
+	var gens []store.Generation
 	if len(args) == 0 {
-		st := &push.Store{Dir: o.StoreDir}
+		st := &store.Store{Dir: o.StoreDir}
 		names := []string{o.Name}
 		if o.Name == "" {
 			var err error

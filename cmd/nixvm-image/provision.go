@@ -10,7 +10,7 @@ import (
 
 	"github.com/nixvm-image/nixvm-image/internal/units"
 	"github.com/nixvm-image/nixvm-image/provision"
-	"github.com/nixvm-image/nixvm-image/push"
+	"github.com/nixvm-image/nixvm-image/store"
 	"github.com/spf13/pflag"
 )
 
@@ -34,7 +34,7 @@ func init() {
 		summary: "create a guest's disk from the host's current image, unless it exists",
 		usage:   "--image NAME --guest GUEST (--target PATH | --pool POOL | --overlay PATH) [flags]",
 		help: `Makes GUEST's disk from the current generation of image NAME in this host's
-store (` + push.DefaultStoreDir + `/NAME), the way the NixOS host module does
+store (` + store.DefaultDir + `/NAME), the way the NixOS host module does
 for each guest. An existing disk is never touched: the command says so and
 exits 0. --force recreates it, but is refused while it is in use: while a
 process (QEMU) holds a lock on it, while domain GUEST runs, or while any
@@ -75,7 +75,7 @@ Examples:
 			fs.StringVar(&o.Volume, "volume", "", "the volume name with --pool (default guest-GUEST)")
 			fs.StringVar(&o.Overlay, "overlay", "", "create a qcow2 overlay at this path")
 			fs.BoolVar(&o.Force, "force", false, "recreate an existing disk (refused while it is in use)")
-			fs.StringVar(&o.StoreDir, "store-dir", push.DefaultStoreDir, "the image store")
+			fs.StringVar(&o.StoreDir, "store-dir", store.DefaultDir, "the image store")
 			fs.StringVarP(&o.Connect, "connect", "c", "", "libvirt URI for virsh (default: virsh's own, qemu:///system as root)")
 			fs.BoolVarP(&o.Quiet, "quiet", "q", false, "no progress, only the summary line and errors")
 			return func(ctx context.Context, c Context, args []string) error { return runProvision(ctx, o, c, args) }
@@ -128,15 +128,18 @@ func runProvision(ctx context.Context, o *provisionOptions, c Context, args []st
 	case o.Overlay != "":
 		req.Kind, req.Target = provision.Overlay, o.Overlay
 	}
-	var gen push.Generation
+	var gen store.Generation
 	if strings.Contains(o.Image, "/") {
-		gen = push.Generation{Path: o.Image}
+		gen = store.Generation{Path: o.Image}
 	} else {
-		if err := push.ValidName(o.Image); err != nil {
+		if err := store.ValidName(o.Image); err != nil {
 			return usageError{fmt.Errorf("--image: %w", err)}
 		}
 		var err error
-		if gen, err = (&push.Store{Dir: o.StoreDir}).Current(o.Image); err != nil {
+		if gen, err = (&store.Store{Dir: o.StoreDir}).Current(o.Image); err != nil {
+			if errors.Is(err, store.ErrNoCurrent) {
+				return fmt.Errorf("--image %s: %w (push one first: nixvm-image push HOST --name %s)", o.Image, err, o.Image)
+			}
 			return fmt.Errorf("--image %s: %w", o.Image, err)
 		}
 	}

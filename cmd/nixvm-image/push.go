@@ -13,7 +13,9 @@ import (
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/internal/units"
+	"github.com/nixvm-image/nixvm-image/manifest"
 	"github.com/nixvm-image/nixvm-image/push"
+	"github.com/nixvm-image/nixvm-image/store"
 	"github.com/spf13/pflag"
 )
 
@@ -27,7 +29,7 @@ type remoteOptions struct {
 func (o *remoteOptions) addFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.SSHCommand, "ssh-command", "ssh", "the ssh invocation; the host and the remote command are appended (e.g. \"ssh -F ./ssh_config -p 2222\")")
 	fs.StringVar(&o.RemoteCommand, "remote-command", "nixvm-image", "path of nixvm-image on the host")
-	fs.StringVar(&o.StoreDir, "store-dir", push.DefaultStoreDir, "the host's image store")
+	fs.StringVar(&o.StoreDir, "store-dir", store.DefaultDir, "the host's image store")
 }
 
 // shellQuote quotes s for the remote shell that ssh runs the command in.
@@ -48,7 +50,7 @@ func (o *remoteOptions) sshArgv(host string) ([]string, error) {
 		return nil, usagef("host %q: want a host name as ssh takes it", host)
 	}
 	remote := shellQuote(o.RemoteCommand) + " serve"
-	if o.StoreDir != push.DefaultStoreDir {
+	if o.StoreDir != store.DefaultDir {
 		remote += " --store-dir " + shellQuote(o.StoreDir)
 	}
 	return append(argv, host, remote), nil
@@ -144,7 +146,7 @@ func init() {
 		summary: "send an image to hosts' image stores, only the blocks they lack",
 		usage:   "HOST... --image IMAGE.qcow2 --name NAME [flags]",
 		help: `Each host gets the image as a new generation of NAME in its store
-(` + push.DefaultStoreDir + `/NAME/<digest>.qcow2, read-only) and its
+(` + store.DefaultDir + `/NAME/<digest>.qcow2, read-only) and its
 'current' symlink is swapped to it once the host has checked the digest of
 what it wrote. Only 4 KiB blocks the host does not hold in any generation
 travel, zstd-compressed; an interrupted push resumes where it stopped.
@@ -183,7 +185,7 @@ func runPush(ctx context.Context, o *pushOptions, c Context, hosts []string) err
 	if o.Image == "" {
 		return usagef("--image is required")
 	}
-	if err := push.ValidName(o.Name); err != nil {
+	if err := store.ValidName(o.Name); err != nil {
 		return usageError{fmt.Errorf("--name: %w", err)}
 	}
 	if o.Link != "" && !strings.HasPrefix(o.Link, "/") {
@@ -274,7 +276,7 @@ func runPush(ctx context.Context, o *pushOptions, c Context, hosts []string) err
 		if st.AlreadyCurrent {
 			what = "already held; sent"
 		} else if st.ResumedAt > 0 {
-			what = fmt.Sprintf("resumed at %s; sent", units.Bytes(st.ResumedAt*push.BlockSize))
+			what = fmt.Sprintf("resumed at %s; sent", units.Bytes(st.ResumedAt*manifest.BlockSize))
 		}
 		index := ""
 		if st.CachedGens > 0 || st.IndexEntries > 0 {

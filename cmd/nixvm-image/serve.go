@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/nixvm-image/nixvm-image/push"
+	"github.com/nixvm-image/nixvm-image/store"
 	"github.com/spf13/pflag"
 )
 
@@ -24,12 +25,12 @@ sparse qcow2), DIR/NAME/<digest>.qcow2.manifest, the DIR/NAME/current symlink, a
 per-name lock file and, while a push is under way, DIR/NAME/.partial/.`,
 		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
 			o := &serveOptions{}
-			fs.StringVar(&o.StoreDir, "store-dir", push.DefaultStoreDir, "the image store")
+			fs.StringVar(&o.StoreDir, "store-dir", store.DefaultDir, "the image store")
 			return func(ctx context.Context, c Context, args []string) error {
 				if len(args) != 0 {
 					return usagef("serve takes no arguments, got %q", args)
 				}
-				return push.Serve(ctx, pipeConn{c.Stdin, c.Stdout}, &push.Store{Dir: o.StoreDir})
+				return push.Serve(ctx, pipeConn{c.Stdin, c.Stdout}, &store.Store{Dir: o.StoreDir})
 			}
 		},
 	})
