@@ -1,12 +1,12 @@
 package provision
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 
 	"github.com/lima-vm/go-qcow2reader/image"
+	"github.com/nixvm-image/nixvm-image/internal/zeros"
 )
 
 // blockSize is the unit in which Copy looks for zeros: the guest file
@@ -33,122 +33,136 @@ type CopyStats struct {
 // is nil (a fresh sparse file already reads as zeros). size must be at least
 // img.Size().
 func Copy(dst io.WriterAt, img image.Image, size int64, zero func(off, n int64) error, u Updater) (CopyStats, error) {
-	var st CopyStats
 	isize := img.Size()
 	if isize < 0 {
-		return st, errors.New("provision: image size unknown")
+		return CopyStats{}, errors.New("provision: image size unknown")
 	}
 	if size < isize {
-		return st, fmt.Errorf("%w: got %d bytes, want at least the image's %d", ErrSize, size, isize)
+		return CopyStats{}, fmt.Errorf("%w: got %d bytes, want at least the image's %d", ErrSize, size, isize)
 	}
-	var zStart, zLen int64 // pending zero range
-	flushZero := func() error {
-		if zLen == 0 || zero == nil {
-			zLen = 0
-			return nil
-		}
-		err := zero(zStart, zLen)
-		st.Zeroed += zLen
-		zLen = 0
-		return err
-	}
-	addZero := func(off, n int64) error {
-		if zLen > 0 && zStart+zLen == off {
-			zLen += n
-			return nil
-		}
-		if err := flushZero(); err != nil {
-			return err
-		}
-		zStart, zLen = off, n
-		return nil
-	}
-	buf := make([]byte, copyChunk)
+	c := &copier{dst: dst, zero: zero, u: u, buf: make([]byte, copyChunk)}
 	for off := int64(0); off < isize; {
 		ext, err := img.Extent(off, isize-off)
 		if err != nil {
-			return st, fmt.Errorf("provision: reading the image's map at %d: %w", off, err)
+			return c.st, fmt.Errorf("provision: reading the image's map at %d: %w", off, err)
 		}
 		if ext.Start != off || ext.Length <= 0 {
-			return st, fmt.Errorf("BUG: provision: extent at %d: got start %d length %d", off, ext.Start, ext.Length)
+			return c.st, fmt.Errorf("BUG: provision: extent at %d: got start %d length %d", off, ext.Start, ext.Length)
 		}
 		end := min(off+ext.Length, isize)
 		if !ext.Allocated || ext.Zero {
-			if err := addZero(off, end-off); err != nil {
-				return st, err
-			}
-			off = end
-			if u != nil {
-				u.Update(off)
-			}
-			continue
+			err = c.addZero(off, end-off)
+			c.progress(end)
+		} else {
+			err = c.copyRange(img, off, end)
 		}
-		for off < end {
-			n := min(int64(len(buf)), end-off)
-			b := buf[:n]
-			if m, err := img.ReadAt(b, off); int64(m) < n {
-				if err == nil || err == io.EOF {
-					err = io.ErrUnexpectedEOF
-				}
-				return st, fmt.Errorf("provision: reading the image at %d: %w", off+int64(m), err)
-			}
-			// Write runs of non-zero blocks; zero blocks become zero ranges.
-			for i := int64(0); i < n; {
-				j := i
-				for j < n && !allZero(b[j:min(j+blockSize, n)]) {
-					j = min(j+blockSize, n)
-				}
-				if j > i {
-					if err := flushZero(); err != nil {
-						return st, err
-					}
-					if _, err := dst.WriteAt(b[i:j], off+i); err != nil {
-						return st, fmt.Errorf("provision: writing at %d: %w", off+i, err)
-					}
-					st.Written += j - i
-					i = j
-				}
-				for j < n && allZero(b[j:min(j+blockSize, n)]) {
-					j = min(j+blockSize, n)
-				}
-				if j > i {
-					if err := addZero(off+i, j-i); err != nil {
-						return st, err
-					}
-					i = j
-				}
-			}
-			off += n
-			if u != nil {
-				u.Update(off)
-			}
+		if err != nil {
+			return c.st, err
 		}
+		off = end
 	}
 	if size > isize {
-		if err := addZero(isize, size-isize); err != nil {
-			return st, err
+		if err := c.addZero(isize, size-isize); err != nil {
+			return c.st, err
 		}
 	}
-	if err := flushZero(); err != nil {
-		return st, err
+	if err := c.flushZero(); err != nil {
+		return c.st, err
 	}
-	if u != nil {
-		u.Update(size)
-	}
-	return st, nil
+	c.progress(size)
+	return c.st, nil
 }
 
-func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if binary.LittleEndian.Uint64(b) != 0 {
-			return false
-		}
-		b = b[8:]
+// copier is one Copy: the zero range pending and what was done.
+type copier struct {
+	dst          io.WriterAt
+	zero         func(off, n int64) error
+	u            Updater
+	buf          []byte
+	st           CopyStats
+	zStart, zLen int64 // pending zero range
+}
+
+func (c *copier) progress(done int64) {
+	if c.u != nil {
+		c.u.Update(done)
 	}
-	for _, c := range b {
-		if c != 0 {
-			return false
+}
+
+// flushZero passes the pending zero range on.
+func (c *copier) flushZero() error {
+	if c.zLen == 0 || c.zero == nil {
+		c.zLen = 0
+		return nil
+	}
+	err := c.zero(c.zStart, c.zLen)
+	c.st.Zeroed += c.zLen
+	c.zLen = 0
+	return err
+}
+
+// addZero extends the pending zero range by [off, off+n), or starts a new one.
+func (c *copier) addZero(off, n int64) error {
+	if c.zLen > 0 && c.zStart+c.zLen == off {
+		c.zLen += n
+		return nil
+	}
+	if err := c.flushZero(); err != nil {
+		return err
+	}
+	c.zStart, c.zLen = off, n
+	return nil
+}
+
+// copyRange copies the allocated range [off, end) of img in chunks.
+func (c *copier) copyRange(img image.Image, off, end int64) error {
+	for off < end {
+		n := min(int64(len(c.buf)), end-off)
+		b := c.buf[:n]
+		if m, err := img.ReadAt(b, off); int64(m) < n {
+			if err == nil || err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return fmt.Errorf("provision: reading the image at %d: %w", off+int64(m), err)
+		}
+		if err := c.write(b, off); err != nil {
+			return err
+		}
+		off += n
+		c.progress(off)
+	}
+	return nil
+}
+
+// write writes the runs of non-zero blocks of b (at off); its zero blocks
+// become zero ranges.
+func (c *copier) write(b []byte, off int64) error {
+	n := int64(len(b))
+	isZero := func(j int64) bool { return zeros.All(b[j:min(j+blockSize, n)]) }
+	for i := int64(0); i < n; {
+		j := i
+		for j < n && !isZero(j) {
+			j = min(j+blockSize, n)
+		}
+		if j > i {
+			if err := c.flushZero(); err != nil {
+				return err
+			}
+			if _, err := c.dst.WriteAt(b[i:j], off+i); err != nil {
+				return fmt.Errorf("provision: writing at %d: %w", off+i, err)
+			}
+			c.st.Written += j - i
+			i = j
+		}
+		for j < n && isZero(j) {
+			j = min(j+blockSize, n)
+		}
+		if j > i {
+			if err := c.addZero(off+i, j-i); err != nil {
+				return err
+			}
+			i = j
 		}
 	}
-	return true
+	return nil
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/lima-vm/go-qcow2reader"
 	"github.com/lima-vm/go-qcow2reader/image"
+	"github.com/nixvm-image/nixvm-image/internal/fsutil"
 )
 
 var (
@@ -18,6 +19,9 @@ var (
 	ErrSize = errors.New("provision: bad guest disk size")
 	// ErrInUse reports that Force was refused because the disk is in use.
 	ErrInUse = errors.New("provision: disk is in use")
+	// ErrUnknownUse reports that Force was refused because libvirt could
+	// not say whether a running domain uses the disk.
+	ErrUnknownUse = errors.New("provision: cannot tell whether the disk is in use")
 	// ErrPartial reports a device left holding part of a copy.
 	ErrPartial = errors.New("provision: partial copy on the device")
 	// ErrTarget reports a target that cannot be provisioned.
@@ -40,7 +44,7 @@ const (
 // Request says which disk to make from which image.
 type Request struct {
 	// Image is the immutable generation to copy or to back an overlay: a
-	// path that later pushes never change (push.Store.Current's Path).
+	// path that later pushes never change (store.Store.Current's Path).
 	Image string
 	// Size is the guest disk's size in bytes; 0 means the image's size. A
 	// block device's own size wins when it is larger.
@@ -128,14 +132,14 @@ func checkFree(ctx context.Context, req Request, path string) error {
 		return err
 	}
 	if locked {
-		return fmt.Errorf("%w: %s is locked by another process (a running QEMU?); stop the guest first, --force never recreates a disk in use", ErrInUse, path)
+		return fmt.Errorf("%w: %s is locked by another process (a running QEMU?); stop the guest first", ErrInUse, path)
 	}
 	if req.Virsh == nil {
 		return nil
 	}
 	running, err := req.Virsh.Domains(ctx, false)
 	if err != nil {
-		return fmt.Errorf("provision: cannot tell whether a running domain uses %s, so --force is refused: %w", path, err)
+		return fmt.Errorf("%w: %s: listing running domains: %w", ErrUnknownUse, path, err)
 	}
 	want := canonical(path)
 	for _, d := range running {
@@ -144,7 +148,7 @@ func checkFree(ctx context.Context, req Request, path string) error {
 		}
 		disks, err := req.Virsh.DomainDisks(ctx, d)
 		if err != nil {
-			return fmt.Errorf("provision: cannot tell whether running domain %s uses %s, so --force is refused: %w", d, path, err)
+			return fmt.Errorf("%w: %s: listing the disks of running domain %s: %w", ErrUnknownUse, path, d, err)
 		}
 		for _, s := range disks {
 			if canonical(s) == want {
@@ -252,16 +256,7 @@ func writeTemp(path string, replace bool, fill func(*os.File) error) error {
 	if err != nil {
 		return err
 	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return fsutil.SyncDir(dir)
 }
 
 // ctxWriter stops a long copy when ctx is cancelled.
@@ -338,7 +333,7 @@ func provisionDevice(ctx context.Context, req Request, created bool) (Result, er
 	}
 	res, err := copyInto(ctx, req, req.Target)
 	if err != nil {
-		return res, fmt.Errorf("%w: %s now holds part of the image and must not be booted: %v; rerun with --force to copy again", ErrPartial, req.Target, err)
+		return res, fmt.Errorf("%w: %s now holds part of the image and must not be booted: %v", ErrPartial, req.Target, err)
 	}
 	return res, nil
 }
@@ -381,7 +376,7 @@ func provisionLV(ctx context.Context, req Request, vg, lv string) (Result, error
 	res, err := copyInto(ctx, req, req.Target)
 	if err != nil {
 		if _, rerr := req.Run.run(context.WithoutCancel(ctx), "lvremove", "--yes", vg+"/"+lv); rerr != nil {
-			return res, fmt.Errorf("%w: %s holds part of the image and could not be removed (%v): %v; remove it (lvremove %s/%s) or rerun with --force", ErrPartial, req.Target, rerr, err, vg, lv)
+			return res, fmt.Errorf("%w: %s holds part of the image and could not be removed (%v): %v; remove it (lvremove %s/%s)", ErrPartial, req.Target, rerr, err, vg, lv)
 		}
 		return Result{}, fmt.Errorf("provision: copying onto %s (removed again): %w", req.Target, err)
 	}
@@ -493,7 +488,7 @@ func provisionPool(ctx context.Context, req Request) (Result, error) {
 	if err != nil {
 		bg := context.WithoutCancel(ctx)
 		if derr := v.VolDelete(bg, req.Pool, req.Volume); derr != nil {
-			return res, fmt.Errorf("%w: volume %s of pool %s holds part of the image and could not be deleted (%v): %v; delete it (virsh vol-delete --pool %s %s) or rerun with --force", ErrPartial, req.Volume, req.Pool, derr, err, req.Pool, req.Volume)
+			return res, fmt.Errorf("%w: volume %s of pool %s holds part of the image and could not be deleted (%v): %v; delete it (virsh vol-delete --pool %s %s)", ErrPartial, req.Volume, req.Pool, derr, err, req.Pool, req.Volume)
 		}
 		return Result{}, fmt.Errorf("provision: copying into volume %s of pool %s (deleted again): %w", req.Volume, req.Pool, err)
 	}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nixvm-image/nixvm-image/internal/zeros"
 	"github.com/nixvm-image/nixvm-image/store"
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 	"golang.org/x/sys/unix"
@@ -65,7 +66,7 @@ func TestCopy(t *testing.T) {
 		}
 		var nonzero int64
 		for off := 0; off < len(data); off += blockSize {
-			if !allZero(data[off : off+blockSize]) {
+			if !zeros.All(data[off : off+blockSize]) {
 				nonzero += blockSize
 			}
 		}
