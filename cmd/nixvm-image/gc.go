@@ -21,6 +21,17 @@ type gcOptions struct {
 	Connect  string
 }
 
+func (o *gcOptions) AddFlags(fs *pflag.FlagSet) {
+	fs.IntVar(&o.Keep, "keep", -1, "keep this many newest generations per name, the current one included (required)")
+	fs.BoolVarP(&o.DryRun, "dry-run", "n", false, "print what would be removed, remove nothing")
+	fs.StringArrayVar(&o.Names, "name", nil, "only this image name (repeatable; default all)")
+	fs.StringArrayVar(&o.Scan, "scan", nil, "a directory to search for disks and links that use generations (repeatable)")
+	fs.StringArrayVar(&o.Pools, "pool", nil, "a libvirt pool whose volumes to check (repeatable)")
+	fs.BoolVar(&o.Domains, "domains", false, "also check every disk of every libvirt domain")
+	fs.StringVar(&o.StoreDir, "store-dir", store.DefaultDir, "the image store")
+	fs.StringVarP(&o.Connect, "connect", "c", "", "libvirt URI for virsh")
+}
+
 func init() {
 	register(&command{
 		name:    "gc",
@@ -40,14 +51,7 @@ Examples:
   nixvm-image gc --keep 1 --pool guests --domains --scan /etc/virt/base-images`,
 		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
 			o := &gcOptions{}
-			fs.IntVar(&o.Keep, "keep", -1, "keep this many newest generations per name, the current one included (required)")
-			fs.BoolVarP(&o.DryRun, "dry-run", "n", false, "print what would be removed, remove nothing")
-			fs.StringArrayVar(&o.Names, "name", nil, "only this image name (repeatable; default all)")
-			fs.StringArrayVar(&o.Scan, "scan", nil, "a directory to search for disks and links that use generations (repeatable)")
-			fs.StringArrayVar(&o.Pools, "pool", nil, "a libvirt pool whose volumes to check (repeatable)")
-			fs.BoolVar(&o.Domains, "domains", false, "also check every disk of every libvirt domain")
-			fs.StringVar(&o.StoreDir, "store-dir", store.DefaultDir, "the image store")
-			fs.StringVarP(&o.Connect, "connect", "c", "", "libvirt URI for virsh")
+			o.AddFlags(fs)
 			return func(ctx context.Context, c Context, args []string) error { return runGC(ctx, o, c, args) }
 		},
 	})
@@ -57,23 +61,40 @@ func runGC(ctx context.Context, o *gcOptions, c Context, args []string) error {
 	if len(args) > 0 {
 		return usagef("unexpected arguments %q", args)
 	}
+	opts, err := o.gcOpts()
+	if err != nil {
+		return err
+	}
+	ds, err := (&store.Store{Dir: o.StoreDir}).GC(ctx, opts)
+	if perr := o.report(c, ds); err == nil {
+		err = perr
+	}
+	return err
+}
+
+// gcOpts turns the flags into the store's GC options.
+func (o *gcOptions) gcOpts() (store.GCOptions, error) {
+	opts := store.GCOptions{Names: o.Names, Keep: o.Keep, ScanDirs: o.Scan, DryRun: o.DryRun}
 	if o.Keep < 0 {
-		return usagef("--keep N is required (N >= 0; the current generation is always kept)")
+		return opts, usagef("--keep N is required (N >= 0; the current generation is always kept)")
 	}
 	for _, n := range o.Names {
 		if err := store.ValidName(n); err != nil {
-			return usageError{fmt.Errorf("--name: %w", err)}
+			return opts, usageError{fmt.Errorf("--name: %w", err)}
 		}
 	}
-	opts := store.GCOptions{Names: o.Names, Keep: o.Keep, ScanDirs: o.Scan, DryRun: o.DryRun}
 	if len(o.Pools) > 0 || o.Domains {
 		v := findVirsh(o.Connect)
 		if v == nil {
-			return fmt.Errorf("--pool and --domains need virsh (libvirt's client), which is not installed here")
+			return opts, fmt.Errorf("--pool and --domains need virsh (libvirt's client), which is not installed here")
 		}
 		opts.Disks = v.Disks(o.Pools, o.Domains)
 	}
-	ds, err := (&store.Store{Dir: o.StoreDir}).GC(ctx, opts)
+	return opts, nil
+}
+
+// report prints one line per generation and a summary.
+func (o *gcOptions) report(c Context, ds []store.Decision) error {
 	tw := tabwriter.NewWriter(c.Stdout, 0, 4, 2, ' ', 0)
 	var removed, freed int64
 	for _, d := range ds {
@@ -93,11 +114,13 @@ func runGC(ctx context.Context, o *gcOptions, c Context, args []string) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", action, d.Gen.Path, why)
 	}
-	tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
 	verb := "removed"
 	if o.DryRun {
 		verb = "would remove"
 	}
-	fmt.Fprintf(c.Stdout, "%s %d of %d generations (%s virtual)\n", verb, removed, len(ds), units.Bytes(freed))
+	_, err := fmt.Fprintf(c.Stdout, "%s %d of %d generations (%s virtual)\n", verb, removed, len(ds), units.Bytes(freed))
 	return err
 }

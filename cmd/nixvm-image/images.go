@@ -17,6 +17,11 @@ type imagesOptions struct {
 	Name string
 }
 
+func (o *imagesOptions) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.Name, "name", "", "only this image name")
+	o.remoteOptions.AddFlags(fs)
+}
+
 func init() {
 	register(&command{
 		name:    "images",
@@ -30,8 +35,7 @@ Examples:
   nixvm-image images athens --name baseline`,
 		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
 			o := &imagesOptions{}
-			fs.StringVar(&o.Name, "name", "", "only this image name")
-			o.remoteOptions.addFlags(fs)
+			o.AddFlags(fs)
 			return func(ctx context.Context, c Context, args []string) error { return runImages(ctx, o, c, args) }
 		},
 	})
@@ -47,31 +51,18 @@ func runImages(ctx context.Context, o *imagesOptions, c Context, args []string) 
 		}
 	}
 	var gens []store.Generation
+	var err error
 	if len(args) == 0 {
-		st := &store.Store{Dir: o.StoreDir}
-		names := []string{o.Name}
-		if o.Name == "" {
-			var err error
-			if names, err = st.Names(); err != nil {
-				return err
-			}
-		}
-		for _, n := range names {
-			g, err := st.List(n)
-			if err != nil {
-				return err
-			}
-			gens = append(gens, g...)
-		}
+		gens, err = localGenerations(&store.Store{Dir: o.StoreDir}, o.Name)
 	} else {
-		err := o.remoteSession(ctx, args[0], func(conn io.ReadWriter) error {
-			var err error
-			gens, err = push.List(ctx, conn, o.Name)
-			return err
+		err = o.remoteSession(ctx, args[0], func(conn io.ReadWriter) error {
+			var lerr error
+			gens, lerr = push.List(ctx, conn, o.Name)
+			return lerr
 		})
-		if err != nil {
-			return err
-		}
+	}
+	if err != nil {
+		return err
 	}
 	tw := tabwriter.NewWriter(c.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tCURRENT\tDIGEST\tSIZE\tPATH")
@@ -83,4 +74,25 @@ func runImages(ctx context.Context, o *imagesOptions, c Context, args []string) 
 		fmt.Fprintf(tw, "%s\t%s\t%x\t%s\t%s\n", g.Name, cur, g.Digest[:8], units.Bytes(g.VirtualSize), g.Path)
 	}
 	return tw.Flush()
+}
+
+// localGenerations lists the generations of name, or of every name when
+// name is "", in st.
+func localGenerations(st *store.Store, name string) ([]store.Generation, error) {
+	names := []string{name}
+	if name == "" {
+		var err error
+		if names, err = st.Names(); err != nil {
+			return nil, err
+		}
+	}
+	var gens []store.Generation
+	for _, n := range names {
+		g, err := st.List(n)
+		if err != nil {
+			return nil, err
+		}
+		gens = append(gens, g...)
+	}
+	return gens, nil
 }

@@ -28,6 +28,20 @@ type provisionOptions struct {
 	Quiet    bool
 }
 
+func (o *provisionOptions) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.Image, "image", "baseline", "image name in the store (or the path of a generation file)")
+	fs.StringVar(&o.Guest, "guest", "", "the guest (libvirt domain) the disk is for")
+	fs.StringVar(&o.Size, "size", "", "guest disk size (20G, 512M; binary units); default the image's size")
+	fs.StringVar(&o.Target, "target", "", "a file or block device to create the disk as")
+	fs.StringVar(&o.Pool, "pool", "", "a libvirt storage pool to create the disk in")
+	fs.StringVar(&o.Volume, "volume", "", "the volume name with --pool (default guest-GUEST)")
+	fs.StringVar(&o.Overlay, "overlay", "", "create a qcow2 overlay at this path")
+	fs.BoolVar(&o.Force, "force", false, "recreate an existing disk (refused while it is in use)")
+	fs.StringVar(&o.StoreDir, "store-dir", store.DefaultDir, "the image store")
+	fs.StringVarP(&o.Connect, "connect", "c", "", "libvirt URI for virsh (default: virsh's own, qemu:///system as root)")
+	fs.BoolVarP(&o.Quiet, "quiet", "q", false, "no progress, only the summary line and errors")
+}
+
 func init() {
 	register(&command{
 		name:    "provision",
@@ -67,17 +81,7 @@ Examples:
       --overlay /var/lib/libvirt/images/ci1.qcow2`,
 		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
 			o := &provisionOptions{}
-			fs.StringVar(&o.Image, "image", "baseline", "image name in the store (or the path of a generation file)")
-			fs.StringVar(&o.Guest, "guest", "", "the guest (libvirt domain) the disk is for")
-			fs.StringVar(&o.Size, "size", "", "guest disk size (20G, 512M; binary units); default the image's size")
-			fs.StringVar(&o.Target, "target", "", "a file or block device to create the disk as")
-			fs.StringVar(&o.Pool, "pool", "", "a libvirt storage pool to create the disk in")
-			fs.StringVar(&o.Volume, "volume", "", "the volume name with --pool (default guest-GUEST)")
-			fs.StringVar(&o.Overlay, "overlay", "", "create a qcow2 overlay at this path")
-			fs.BoolVar(&o.Force, "force", false, "recreate an existing disk (refused while it is in use)")
-			fs.StringVar(&o.StoreDir, "store-dir", store.DefaultDir, "the image store")
-			fs.StringVarP(&o.Connect, "connect", "c", "", "libvirt URI for virsh (default: virsh's own, qemu:///system as root)")
-			fs.BoolVarP(&o.Quiet, "quiet", "q", false, "no progress, only the summary line and errors")
+			o.AddFlags(fs)
 			return func(ctx context.Context, c Context, args []string) error { return runProvision(ctx, o, c, args) }
 		},
 	})
@@ -96,8 +100,46 @@ func runProvision(ctx context.Context, o *provisionOptions, c Context, args []st
 	if len(args) > 0 {
 		return usagef("unexpected arguments %q", args)
 	}
+	req, err := o.request()
+	if err != nil {
+		return err
+	}
+	gen, err := o.generation()
+	if err != nil {
+		return err
+	}
+	req.Image = gen.Path
+	if req.Virsh = findVirsh(o.Connect); req.Virsh == nil {
+		if req.Kind == provision.Pool {
+			return fmt.Errorf("--pool needs virsh (libvirt's client), which is not installed here")
+		}
+		if o.Force && !o.Quiet {
+			fmt.Fprintf(c.Stderr, "virsh not found: --force checks only that no process holds a lock on the disk\n")
+		}
+	}
+	var prog *progress
+	if total := max(req.Size, gen.VirtualSize); !o.Quiet && total > 0 {
+		prog = newProgress(c.Stderr, isTerminal(c.Stderr))
+		prog.Phase("copying", total)
+		req.Progress = &absProgress{p: prog}
+	}
+	start := time.Now()
+	res, err := provision.Provision(ctx, req)
+	if prog != nil {
+		prog.finish()
+	}
+	if err != nil {
+		return provisionHint(err)
+	}
+	o.report(c, req, res, gen, time.Since(start))
+	return nil
+}
+
+// request turns the flags into a provision request, without its image.
+func (o *provisionOptions) request() (provision.Request, error) {
+	req := provision.Request{Guest: o.Guest, Force: o.Force, Target: o.Target, Pool: o.Pool, Volume: o.Volume}
 	if o.Guest == "" {
-		return usagef("--guest is required")
+		return req, usagef("--guest is required")
 	}
 	n := 0
 	for _, s := range []string{o.Target, o.Pool, o.Overlay} {
@@ -106,16 +148,15 @@ func runProvision(ctx context.Context, o *provisionOptions, c Context, args []st
 		}
 	}
 	if n != 1 {
-		return usagef("give exactly one of --target, --pool and --overlay")
+		return req, usagef("give exactly one of --target, --pool and --overlay")
 	}
 	if o.Volume != "" && o.Pool == "" {
-		return usagef("--volume goes with --pool")
+		return req, usagef("--volume goes with --pool")
 	}
-	req := provision.Request{Guest: o.Guest, Force: o.Force, Target: o.Target, Pool: o.Pool, Volume: o.Volume}
 	if o.Size != "" {
-		size, err := parseSize(o.Size)
+		size, err := units.ParseSize(o.Size)
 		if err != nil {
-			return usagef("--size %q: %v", o.Size, err)
+			return req, usagef("--size: %v", err)
 		}
 		req.Size = size
 	}
@@ -128,54 +169,47 @@ func runProvision(ctx context.Context, o *provisionOptions, c Context, args []st
 	case o.Overlay != "":
 		req.Kind, req.Target = provision.Overlay, o.Overlay
 	}
-	var gen store.Generation
+	return req, nil
+}
+
+// generation resolves --image: a path as it is, a name to the store's
+// current generation of it.
+func (o *provisionOptions) generation() (store.Generation, error) {
 	if strings.Contains(o.Image, "/") {
-		gen = store.Generation{Path: o.Image}
-	} else {
-		if err := store.ValidName(o.Image); err != nil {
-			return usageError{fmt.Errorf("--image: %w", err)}
-		}
-		var err error
-		if gen, err = (&store.Store{Dir: o.StoreDir}).Current(o.Image); err != nil {
-			if errors.Is(err, store.ErrNoCurrent) {
-				return fmt.Errorf("--image %s: %w (push one first: nixvm-image push HOST --name %s)", o.Image, err, o.Image)
-			}
-			return fmt.Errorf("--image %s: %w", o.Image, err)
-		}
+		return store.Generation{Path: o.Image}, nil
 	}
-	req.Image = gen.Path
-	req.Virsh = findVirsh(o.Connect)
-	if req.Virsh == nil {
-		if req.Kind == provision.Pool {
-			return fmt.Errorf("--pool needs virsh (libvirt's client), which is not installed here")
-		}
-		if o.Force && !o.Quiet {
-			fmt.Fprintf(c.Stderr, "virsh not found: --force checks only that no process holds a lock on the disk\n")
-		}
+	if err := store.ValidName(o.Image); err != nil {
+		return store.Generation{}, usageError{fmt.Errorf("--image: %w", err)}
 	}
-	total := max(req.Size, gen.VirtualSize)
-	var prog *progress
-	if !o.Quiet && total > 0 {
-		prog = newProgress(c.Stderr, isTerminal(c.Stderr))
-		prog.Phase("copying", total)
-		req.Progress = &absProgress{p: prog}
-	}
-	start := time.Now()
-	res, err := provision.Provision(ctx, req)
-	if prog != nil {
-		prog.finish()
+	gen, err := (&store.Store{Dir: o.StoreDir}).Current(o.Image)
+	if errors.Is(err, store.ErrNoCurrent) {
+		return gen, fmt.Errorf("--image %s: %w (push one first: nixvm-image push HOST --name %s)", o.Image, err, o.Image)
 	}
 	if err != nil {
-		if errors.Is(err, provision.ErrSize) {
-			return fmt.Errorf("--size: %w", err)
-		}
-		return err
+		return gen, fmt.Errorf("--image %s: %w", o.Image, err)
 	}
+	return gen, nil
+}
+
+// provisionHint adds to a provision error the flag that changes the outcome.
+func provisionHint(err error) error {
+	switch {
+	case errors.Is(err, provision.ErrSize):
+		return fmt.Errorf("--size: %w", err)
+	case errors.Is(err, provision.ErrInUse), errors.Is(err, provision.ErrUnknownUse):
+		return fmt.Errorf("%w (--force never recreates a disk that may be in use)", err)
+	case errors.Is(err, provision.ErrPartial):
+		return fmt.Errorf("%w; rerun with --force to copy again", err)
+	}
+	return err
+}
+
+// report prints what provision did.
+func (o *provisionOptions) report(c Context, req provision.Request, res provision.Result, gen store.Generation, el time.Duration) {
 	if !res.Created {
 		fmt.Fprintf(c.Stdout, "%s exists, left untouched (--force recreates it)\n", res.Path)
-		return nil
+		return
 	}
-	el := time.Since(start)
 	switch req.Kind {
 	case provision.Overlay:
 		fmt.Fprintf(c.Stdout, "created %s: qcow2 overlay of %s on %s\n", res.Path, units.Bytes(res.Size), gen.Path)
@@ -184,7 +218,6 @@ func runProvision(ctx context.Context, o *provisionOptions, c Context, args []st
 			res.Path, units.Bytes(res.Size), gen.Path, units.Bytes(res.Written), units.Bytes(res.Zeroed),
 			el.Round(time.Millisecond), units.Bytes(int64(float64(res.Written)/max(el.Seconds(), 1e-3))))
 	}
-	return nil
 }
 
 // absProgress turns provision's "done so far" into progress increments.

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,118 +18,6 @@ import (
 	"github.com/spf13/pflag"
 )
 
-// remoteOptions say how to reach `nixvm-image serve` on a host.
-type remoteOptions struct {
-	SSHCommand    string
-	RemoteCommand string
-	StoreDir      string
-}
-
-func (o *remoteOptions) addFlags(fs *pflag.FlagSet) {
-	fs.StringVar(&o.SSHCommand, "ssh-command", "ssh", "the ssh invocation; the host and the remote command are appended (e.g. \"ssh -F ./ssh_config -p 2222\")")
-	fs.StringVar(&o.RemoteCommand, "remote-command", "nixvm-image", "path of nixvm-image on the host")
-	fs.StringVar(&o.StoreDir, "store-dir", store.DefaultDir, "the host's image store")
-}
-
-// shellQuote quotes s for the remote shell that ssh runs the command in.
-func shellQuote(s string) string {
-	if s != "" && strings.Trim(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./=:@+,") == "" {
-		return s
-	}
-	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
-}
-
-// sshArgv is the command line that runs serve on host.
-func (o *remoteOptions) sshArgv(host string) ([]string, error) {
-	argv := strings.Fields(o.SSHCommand)
-	if len(argv) == 0 {
-		return nil, usagef("--ssh-command is empty")
-	}
-	if host == "" || strings.HasPrefix(host, "-") {
-		return nil, usagef("host %q: want a host name as ssh takes it", host)
-	}
-	remote := shellQuote(o.RemoteCommand) + " serve"
-	if o.StoreDir != store.DefaultDir {
-		remote += " --store-dir " + shellQuote(o.StoreDir)
-	}
-	return append(argv, host, remote), nil
-}
-
-// tailBuffer keeps the last 4 KiB written (the remote's stderr).
-type tailBuffer struct {
-	mu sync.Mutex
-	b  []byte
-}
-
-func (t *tailBuffer) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.b = append(t.b, p...)
-	if len(t.b) > 4096 {
-		t.b = t.b[len(t.b)-4096:]
-	}
-	return len(p), nil
-}
-
-func (t *tailBuffer) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return strings.TrimSpace(string(t.b))
-}
-
-type pipeConn struct {
-	io.Reader
-	io.Writer
-}
-
-// remoteSession runs serve on host over ssh and calls f with the connection.
-func (o *remoteOptions) remoteSession(ctx context.Context, host string, f func(conn io.ReadWriter) error) error {
-	argv, err := o.sshArgv(host)
-	if err != nil {
-		return err
-	}
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		return err
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return err
-	}
-	stderr := &tailBuffer{}
-	cmd.Stderr = stderr
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("starting %q (--ssh-command): %w", argv[0], err)
-	}
-	ferr := f(pipeConn{stdout, stdin})
-	stdin.Close()
-	werr := cmd.Wait()
-	if ferr == nil {
-		return nil
-	}
-	var ee *exec.ExitError
-	if errors.As(werr, &ee) || errors.Is(ferr, push.ErrNoServer) {
-		msg := stderr.String()
-		code := -1
-		if ee != nil {
-			code = ee.ExitCode()
-		}
-		if errors.Is(ferr, push.ErrNoServer) {
-			if code == 127 || strings.Contains(msg, "not found") || strings.Contains(msg, "No such file") {
-				return fmt.Errorf("%s: nixvm-image is not installed on the host (%s): install it there (NixOS: add it to environment.systemPackages; elsewhere copy the static binary to /usr/local/bin), or pass --remote-command /path/to/nixvm-image\ncommand: %s\nremote stderr: %s", host, ferr, strings.Join(argv, " "), msg)
-			}
-			if code == 255 {
-				return fmt.Errorf("%s: ssh failed (exit 255): %s\ncommand: %s", host, msg, strings.Join(argv, " "))
-			}
-		}
-		if msg != "" && !errors.Is(ferr, push.ErrRemote) {
-			return fmt.Errorf("%s: %w\nremote stderr: %s", host, ferr, msg)
-		}
-	}
-	return fmt.Errorf("%s: %w", host, ferr)
-}
-
 type pushOptions struct {
 	remoteOptions
 	Image    string
@@ -138,6 +25,15 @@ type pushOptions struct {
 	Link     string
 	Quiet    bool
 	CacheDir string
+}
+
+func (o *pushOptions) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.Image, "image", "", "the image to push (qcow2 or raw)")
+	fs.StringVar(&o.Name, "name", "", "the image name on the hosts (letters, digits, '.', '_', '-')")
+	fs.StringVar(&o.Link, "link", "", "also point this path on the host at the new generation")
+	o.remoteOptions.AddFlags(fs)
+	fs.BoolVarP(&o.Quiet, "quiet", "q", false, "no progress, only the summary lines and errors")
+	fs.StringVar(&o.CacheDir, "cache-dir", "", "where to keep the manifests of pushed images, so hosts holding one need not send their index (default $XDG_CACHE_HOME/nixvm-image/manifests; \"none\": no cache)")
 }
 
 func init() {
@@ -167,35 +63,69 @@ costs the host a reply of a few hundred bytes. Without it the index costs
 3 bytes per distinct 4 KiB block the host holds (4 beyond 8 GiB of them).`,
 		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
 			o := &pushOptions{}
-			fs.StringVar(&o.Image, "image", "", "the image to push (qcow2 or raw)")
-			fs.StringVar(&o.Name, "name", "", "the image name on the hosts (letters, digits, '.', '_', '-')")
-			fs.StringVar(&o.Link, "link", "", "also point this path on the host at the new generation")
-			o.remoteOptions.addFlags(fs)
-			fs.BoolVarP(&o.Quiet, "quiet", "q", false, "no progress, only the summary lines and errors")
-			fs.StringVar(&o.CacheDir, "cache-dir", "", "where to keep the manifests of pushed images, so hosts holding one need not send their index (default $XDG_CACHE_HOME/nixvm-image/manifests; \"none\": no cache)")
+			o.AddFlags(fs)
 			return func(ctx context.Context, c Context, args []string) error { return runPush(ctx, o, c, args) }
 		},
 	})
 }
 
 func runPush(ctx context.Context, o *pushOptions, c Context, hosts []string) error {
+	if err := o.check(hosts); err != nil {
+		return err
+	}
+	src, err := o.openSource(c)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	cache := o.cache(c)
+	if cache != nil && src.FromManifest {
+		// Built here: other machines may push it, so keep it from the start.
+		keepManifest(c, cache, src)
+	}
+	res := o.pushAll(ctx, c, hosts, src, cache)
+	// A host holds the image now: keep its manifest (it is kept already
+	// when the builder wrote one, see above).
+	for _, r := range res {
+		if r.err == nil && cache != nil {
+			keepManifest(c, cache, src)
+			break
+		}
+	}
+	return o.report(c, hosts, src, res)
+}
+
+// pushOpts are the library options of a push to one host.
+func (o *pushOptions) pushOpts() push.Options {
+	return push.Options{Name: o.Name, Link: o.Link}
+}
+
+// check checks the flags and hosts before anything is read or started.
+func (o *pushOptions) check(hosts []string) error {
 	if len(hosts) == 0 {
 		return usagef("name at least one HOST")
 	}
 	if o.Image == "" {
 		return usagef("--image is required")
 	}
-	if err := store.ValidName(o.Name); err != nil {
-		return usageError{fmt.Errorf("--name: %w", err)}
-	}
-	if o.Link != "" && !strings.HasPrefix(o.Link, "/") {
-		return usagef("--link %q must be an absolute path on the host", o.Link)
+	opts := o.pushOpts()
+	if err := opts.Validate(); err != nil {
+		if errors.Is(err, store.ErrName) {
+			return usageError{fmt.Errorf("--name: %w", err)}
+		}
+		return usageError{fmt.Errorf("--link: %w", err)}
 	}
 	for _, h := range hosts {
 		if _, err := o.sshArgv(h); err != nil {
 			return err
 		}
 	}
+	return nil
+}
+
+// openSource opens the image and its block hashes, with progress while it
+// hashes.
+func (o *pushOptions) openSource(c Context) (*push.Source, error) {
 	start := time.Now()
 	var hashed atomic.Int64
 	prog := newHostProgress(c.Stderr, o.Quiet, []string{"hashing"})
@@ -204,72 +134,79 @@ func runPush(ctx context.Context, o *pushOptions, c Context, hosts []string) err
 	src, err := push.OpenSource(o.Image, func(n int64) { hashed.Add(n) })
 	stop()
 	if err != nil {
-		return fmt.Errorf("--image: %w", err)
-	}
-	defer src.Close()
-	var cache *push.Cache
-	switch o.CacheDir {
-	case "none":
-	case "":
-		if d, err := push.DefaultCacheDir(); err == nil {
-			cache = &push.Cache{Dir: d}
-		} else if !o.Quiet {
-			fmt.Fprintf(c.Stderr, "no manifest cache: %v\n", err)
-		}
-	default:
-		cache = &push.Cache{Dir: o.CacheDir}
-	}
-	if cache != nil && src.FromManifest {
-		// Built here: other machines may push it, so keep it from the start.
-		keepManifest(c, cache, src)
+		return nil, fmt.Errorf("--image: %w", err)
 	}
 	if !o.Quiet {
 		fmt.Fprintf(c.Stderr, "%s: %s virtual, digest %x, hashed in %s\n", o.Image, units.Bytes(src.VirtualSize), src.Digest[:8], time.Since(start).Round(time.Millisecond))
 	}
+	return src, nil
+}
 
-	prog = newHostProgress(c.Stderr, o.Quiet, hosts)
-	stats := make([]*push.Stats, len(hosts))
-	errs := make([]error, len(hosts))
-	took := make([]time.Duration, len(hosts))
+// cache is the manifest cache --cache-dir names, or nil.
+func (o *pushOptions) cache(c Context) *push.Cache {
+	switch o.CacheDir {
+	case "none":
+		return nil
+	case "":
+		d, err := push.DefaultCacheDir()
+		if err != nil {
+			if !o.Quiet {
+				fmt.Fprintf(c.Stderr, "no manifest cache: %v\n", err)
+			}
+			return nil
+		}
+		return &push.Cache{Dir: d}
+	default:
+		return &push.Cache{Dir: o.CacheDir}
+	}
+}
+
+// hostResult is how the push to one host went.
+type hostResult struct {
+	stats *push.Stats
+	err   error
+	took  time.Duration
+}
+
+// pushAll pushes src to every host at once, with one progress line each.
+func (o *pushOptions) pushAll(ctx context.Context, c Context, hosts []string, src *push.Source, cache *push.Cache) []hostResult {
+	prog := newHostProgress(c.Stderr, o.Quiet, hosts)
 	for i := range hosts {
 		prog.total[i] = src.VirtualSize
 	}
-	stop = prog.run(nil)
+	stop := prog.run(nil)
+	defer stop()
+	res := make([]hostResult, len(hosts))
 	var wg sync.WaitGroup
 	for i, host := range hosts {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			t0 := time.Now()
-			errs[i] = o.remoteSession(ctx, host, func(conn io.ReadWriter) error {
+			res[i].err = o.remoteSession(ctx, host, func(conn io.ReadWriter) error {
 				cc := &countConn{rw: conn, n: &prog.sent[i]}
+				opts := o.pushOpts()
+				opts.Progress = func(n int64) { prog.done[i].Add(n) }
+				opts.Cache = cache
 				var err error
-				stats[i], err = push.Push(ctx, cc, src, push.Options{
-					Name: o.Name, Link: o.Link,
-					Progress: func(n int64) { prog.done[i].Add(n) },
-					Cache:    cache,
-				})
+				res[i].stats, err = push.Push(ctx, cc, src, opts)
 				return err
 			})
-			took[i] = time.Since(t0)
+			res[i].took = time.Since(t0)
 		}()
 	}
 	wg.Wait()
-	stop()
-	// A host holds the image now: keep its manifest (it is kept already
-	// when the builder wrote one, see above).
-	for i := range hosts {
-		if errs[i] == nil && cache != nil {
-			keepManifest(c, cache, src)
-			break
-		}
-	}
+	return res
+}
+
+// report prints one line per host: what was sent, or why it failed.
+func (o *pushOptions) report(c Context, hosts []string, src *push.Source, res []hostResult) error {
 	failed := 0
 	for i, host := range hosts {
-		st := stats[i]
-		if errs[i] != nil {
+		st := res[i].stats
+		if res[i].err != nil {
 			failed++
-			fmt.Fprintf(c.Stderr, "%s: FAILED: %v\n", host, errs[i])
+			fmt.Fprintf(c.Stderr, "%s: FAILED: %v\n", host, res[i].err)
 			continue
 		}
 		what := "sent"
@@ -284,7 +221,7 @@ func runPush(ctx context.Context, o *pushOptions, c Context, hosts []string) err
 		}
 		fmt.Fprintf(c.Stdout, "%s: %s %x %s %s = %d B (%.2f%%) of a %s image, received %s = %d B%s, in %s\n",
 			host, o.Name, src.Digest[:8], what, units.Bytes(st.Sent), st.Sent, 100*float64(st.Sent)/float64(src.VirtualSize),
-			units.Bytes(src.VirtualSize), units.Bytes(st.Received), st.Received, index, took[i].Round(time.Millisecond))
+			units.Bytes(src.VirtualSize), units.Bytes(st.Received), st.Received, index, res[i].took.Round(time.Millisecond))
 	}
 	if failed > 0 {
 		return fmt.Errorf("%d of %d hosts failed", failed, len(hosts))

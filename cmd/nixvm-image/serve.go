@@ -12,6 +12,10 @@ type serveOptions struct {
 	StoreDir string
 }
 
+func (o *serveOptions) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.StoreDir, "store-dir", store.DefaultDir, "the image store")
+}
+
 func init() {
 	register(&command{
 		name:    "serve",
@@ -25,13 +29,15 @@ sparse qcow2), DIR/NAME/<digest>.qcow2.manifest, the DIR/NAME/current symlink, a
 per-name lock file and, while a push is under way, DIR/NAME/.partial/.`,
 		setup: func(fs *pflag.FlagSet) func(context.Context, Context, []string) error {
 			o := &serveOptions{}
-			fs.StringVar(&o.StoreDir, "store-dir", store.DefaultDir, "the image store")
-			return func(ctx context.Context, c Context, args []string) error {
-				if len(args) != 0 {
-					return usagef("serve takes no arguments, got %q", args)
-				}
-				return push.Serve(ctx, pipeConn{c.Stdin, c.Stdout}, &store.Store{Dir: o.StoreDir})
-			}
+			o.AddFlags(fs)
+			return func(ctx context.Context, c Context, args []string) error { return runServe(ctx, o, c, args) }
 		},
 	})
+}
+
+func runServe(ctx context.Context, o *serveOptions, c Context, args []string) error {
+	if len(args) != 0 {
+		return usagef("serve takes no arguments, got %q", args)
+	}
+	return push.Serve(ctx, pipeConn{c.Stdin, c.Stdout}, &store.Store{Dir: o.StoreDir})
 }
