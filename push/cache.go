@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -12,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nixvm-image/nixvm-image/internal/fsutil"
 	"github.com/nixvm-image/nixvm-image/manifest"
 )
 
@@ -105,12 +107,16 @@ func (c *Cache) Load(d [32]byte) (*manifest.Manifest, error) {
 	}
 	if err != nil {
 		if !errors.Is(err, os.ErrNotExist) {
-			os.Remove(p)
+			if rerr := os.Remove(p); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+				err = fmt.Errorf("%w (and removing the damaged entry failed: %v)", err, rerr)
+			}
 		}
 		return nil, err
 	}
+	// Renewing is a hint for the LRU order: a cache on a read-only file
+	// system still serves its entries.
 	now := time.Now()
-	os.Chtimes(p, now, now)
+	_ = os.Chtimes(p, now, now)
 	if c.loaded == nil {
 		c.loaded = map[[32]byte]*manifest.Manifest{}
 	}
@@ -131,34 +137,20 @@ func (c *Cache) Put(src *Source) error {
 	if err := os.MkdirAll(c.Dir, 0o755); err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(c.Dir, ".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	w := bufio.NewWriterSize(f, 1<<20)
 	m := &manifest.Manifest{VirtualSize: src.VirtualSize, Blocks: src.Blocks, Digest: src.Digest}
-	if _, err := m.WriteTo(w); err != nil {
-		f.Close()
-		return err
-	}
-	if err := w.Flush(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
+	err := fsutil.WriteAtomicWith(p, 0o600, func(w io.Writer) error {
+		bw := bufio.NewWriterSize(w, 1<<20)
+		if _, err := m.WriteTo(bw); err != nil {
+			return err
+		}
+		return bw.Flush()
+	})
+	if err != nil {
 		return err
 	}
 	// The kernel's file times are coarse: set the time the LRU order uses.
 	now = time.Now()
-	if err := os.Chtimes(f.Name(), now, now); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), p); err != nil {
+	if err := os.Chtimes(p, now, now); err != nil {
 		return err
 	}
 	return c.prune()
