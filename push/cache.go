@@ -1,7 +1,6 @@
 package push
 
 import (
-	"bufio"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -139,11 +138,8 @@ func (c *Cache) Put(src *Source) error {
 	}
 	m := &manifest.Manifest{VirtualSize: src.VirtualSize, Blocks: src.Blocks, Digest: src.Digest}
 	err := fsutil.WriteAtomicWith(p, 0o600, func(w io.Writer) error {
-		bw := bufio.NewWriterSize(w, 1<<20)
-		if _, err := m.WriteTo(bw); err != nil {
-			return err
-		}
-		return bw.Flush()
+		_, err := m.WriteTo(w) // one write: no buffer needed
+		return err
 	})
 	if err != nil {
 		return err

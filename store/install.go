@@ -1,7 +1,6 @@
 package store
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -93,11 +92,8 @@ func (l *Lock) install(r io.ReaderAt, m *manifest.Manifest) (err error) {
 		return err
 	}
 	err = fsutil.WriteAtomicWith(base+manifestExt, 0o444, func(w io.Writer) error {
-		bw := bufio.NewWriterSize(w, 1<<20)
-		if _, err := m.WriteTo(bw); err != nil {
-			return err
-		}
-		return bw.Flush()
+		_, err := m.WriteTo(w) // one write: no buffer needed
+		return err
 	})
 	if err != nil {
 		return err
