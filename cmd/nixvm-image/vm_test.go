@@ -244,6 +244,10 @@ func TestBuildConfigNix(t *testing.T) {
 	}
 	t.Setenv("NIX_PATH", "nixpkgs="+filepath.Join(testdata, "nixpkgs"))
 	t.Setenv("NIX_CONFIG", "substituters =\nsandbox = false")
+	// The CLI's evaluation directory goes to a temp dir of this test's own,
+	// which must be empty afterwards (other processes share os.TempDir()).
+	tmp := t.TempDir()
+	t.Setenv("TMPDIR", tmp)
 
 	dir := t.TempDir()
 	img := filepath.Join(dir, "baseline.qcow2")
@@ -261,8 +265,8 @@ func TestBuildConfigNix(t *testing.T) {
 		}
 	}
 	checkFileSystems(t, img)
-	if m, _ := filepath.Glob(filepath.Join(os.TempDir(), "nixvm-image-eval-*", "result")); len(m) != 0 {
-		t.Errorf("evaluation out-links left behind: %v", m)
+	if m, _ := filepath.Glob(filepath.Join(tmp, "*")); len(m) != 0 {
+		t.Errorf("evaluation left files behind in TMPDIR: %v", m)
 	}
 
 	// The dry run evaluates the efi variant of the module and prints QEMU's
