@@ -538,3 +538,36 @@ func TestResumeAfterHostKilled(t *testing.T) {
 		t.Errorf("resumed at block %d, want a checkpoint between 512 and 1300", st.ResumedAt)
 	}
 }
+
+// TestSameDigestOtherSize: a push of the digest the host holds with another
+// virtual size is refused before anything is received, and the host's
+// generation is neither replaced nor made current again (issue 12 item 7).
+func TestSameDigestOtherSize(t *testing.T) {
+	host := &store.Store{Dir: t.TempDir()}
+	data := testImage(1, 1<<20)
+	rand.New(rand.NewSource(2)).Read(data[:4096])
+	clear(data[len(data)-512:])
+	short := data[:len(data)-512]
+	push(t, host, data, Options{})
+	gen := checkCurrent(t, host, "baseline", data)
+	before, err := os.Stat(gen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, wait := pipeSession(t, host, 0)
+	st, err := Push(context.Background(), conn, source(t, short), Options{Name: "baseline"})
+	if !errors.Is(err, ErrRemote) || !strings.Contains(err.Error(), "another size") {
+		t.Errorf("push of the same digest with another size: got %v, want a remote refusal", err)
+	}
+	if err := wait(); !errors.Is(err, store.ErrConflict) {
+		t.Errorf("serve: got %v, want store.ErrConflict", err)
+	}
+	if st != nil && st.Sent > 4096 {
+		t.Errorf("the refused push sent %d bytes, want only the hello", st.Sent)
+	}
+	after, err := os.Stat(gen)
+	if err != nil || !os.SameFile(before, after) {
+		t.Errorf("generation %s was replaced", gen)
+	}
+	checkCurrent(t, host, "baseline", data)
+}

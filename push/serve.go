@@ -124,15 +124,16 @@ func (s *session) push(ctx context.Context, h *hello) (err error) {
 	if err != nil {
 		return err
 	}
-	if len(gens) > maxGenerations-1 {
-		gens = gens[:maxGenerations-1]
-	}
-	r := &reply{Version: Version, Gens: gens}
+	r := &reply{Version: Version}
 	for _, g := range gens {
 		if g.Digest == h.Digest && g.VirtualSize == h.VirtualSize { // the digest does not cover the size
 			r.Have = true
 		}
 	}
+	if len(gens) > maxGenerations-1 {
+		gens = gens[:maxGenerations-1]
+	}
+	r.Gens = gens
 	if r.Have {
 		if err := l.Activate(h.Digest, h.Link); err != nil {
 			return err

@@ -35,7 +35,8 @@ func (s *Store) Put(name string, r io.ReaderAt, m *manifest.Manifest) (Generatio
 // reads past its end may fail with io.EOF) as generation m.Digest of the
 // locked name, without making it current. Every block is checked against m
 // on its way into the file; a mismatch fails with ErrDigest and installs
-// nothing. A generation the store holds already is left as it is.
+// nothing. A generation the store holds already is left as it is; the same
+// digest with another size fails with ErrConflict.
 func (l *Lock) Put(r io.ReaderAt, m *manifest.Manifest) (Generation, error) {
 	if err := m.Validate(); err != nil {
 		return Generation{}, fmt.Errorf("%w: %w", ErrDigest, err)
@@ -43,8 +44,8 @@ func (l *Lock) Put(r io.ReaderAt, m *manifest.Manifest) (Generation, error) {
 	if err := checkSize(m.VirtualSize); err != nil {
 		return Generation{}, err
 	}
-	if g, ok := l.s.generation(l.name, m.Digest); ok {
-		return g, nil
+	if g, ok, err := l.held(m.Digest, m.VirtualSize); ok || err != nil {
+		return g, err
 	}
 	if err := l.install(r, m); err != nil {
 		return Generation{}, fmt.Errorf("store: storing generation %x of %q: %w", m.Digest[:8], l.name, err)
@@ -54,6 +55,27 @@ func (l *Lock) Put(r io.ReaderAt, m *manifest.Manifest) (Generation, error) {
 		return g, fmt.Errorf("BUG: store: generation %x of %q missing after install", m.Digest[:8], l.name)
 	}
 	return g, nil
+}
+
+// held reports whether the locked name holds generation digest of size
+// bytes. The same digest with another size (a digest does not cover the
+// size) fails with ErrConflict, and so does a file of the generation's name
+// that is not a complete generation: installing must never replace either.
+func (l *Lock) held(digest [32]byte, size int64) (Generation, bool, error) {
+	g, ok := l.s.generation(l.name, digest)
+	if ok && g.VirtualSize != size {
+		return g, false, fmt.Errorf("%w: %s has %d bytes, this image %d; the store keeps generations immutable, so it cannot take both", ErrConflict, g.Path, g.VirtualSize, size)
+	}
+	if ok {
+		return g, true, nil
+	}
+	p := filepath.Join(l.dir, genFile(digest))
+	if _, err := os.Lstat(p); err == nil {
+		return g, false, fmt.Errorf("%w: %s exists but has no index: not a generation this store installed; move it away", ErrConflict, p)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return g, false, err
+	}
+	return g, false, nil
 }
 
 // checkSize checks that a generation can have size bytes: the qcow2 file

@@ -39,15 +39,23 @@ type Partial struct {
 
 // progressRecord is what a Checkpoint makes durable beside the hashes.
 type progressRecord struct {
+	Size    int64   `json:"size"` // the virtual size the hashes are of
 	Next    int64   `json:"next"`
 	Missing []int64 `json:"missing,omitempty"`
 }
 
 // OpenPartial opens the partial generation digest of size bytes, resuming
-// from its last checkpoint, or starts it; a partial of another digest is
-// discarded.
+// from its last checkpoint, or starts it; a partial of another digest (or
+// size) is discarded. The store must not hold digest yet: with another size
+// it fails with ErrConflict.
 func (l *Lock) OpenPartial(digest [32]byte, size int64) (*Partial, error) {
 	if err := checkSize(size); err != nil {
+		return nil, err
+	}
+	if _, ok, err := l.held(digest, size); ok || err != nil {
+		if err == nil {
+			err = fmt.Errorf("BUG: store: receiving generation %x of %q, which the store holds", digest[:8], l.name)
+		}
 		return nil, err
 	}
 	dir := filepath.Join(l.dir, ".partial")
@@ -109,7 +117,7 @@ func (p *Partial) open(base string) error {
 func (p *Partial) restore(path string) progressRecord {
 	var rec progressRecord
 	b, err := os.ReadFile(path)
-	if err != nil || json.Unmarshal(b, &rec) != nil || rec.Next < 0 || rec.Next > p.Blocks() {
+	if err != nil || json.Unmarshal(b, &rec) != nil || rec.Size != p.Size || rec.Next < 0 || rec.Next > p.Blocks() {
 		return progressRecord{}
 	}
 	if rec.Next > 0 {
@@ -176,7 +184,7 @@ func (p *Partial) Checkpoint() error {
 	if err := p.syncHashes(); err != nil {
 		return err
 	}
-	rec := progressRecord{Next: p.Next}
+	rec := progressRecord{Size: p.Size, Next: p.Next}
 	for m := range p.Missing {
 		rec.Missing = append(rec.Missing, m)
 	}

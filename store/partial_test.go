@@ -102,7 +102,16 @@ func TestPartialStartsOver(t *testing.T) {
 	if p.Next != 0 {
 		t.Errorf("damaged record: resumed at %d, want 0", p.Next)
 	}
+	receive(t, p, data, 0, 100)
+	if err := p.Checkpoint(); err != nil {
+		t.Fatal(err)
+	}
 	p.Close()
+	if p, err := l.OpenPartial(m.Digest, m.VirtualSize-512); err != nil || p.Next != 0 {
+		t.Errorf("same digest, another size: resumed at %d, %v; want a fresh start", p.Next, err)
+	} else {
+		p.Close()
+	}
 	l.Unlock()
 
 	other := manifestOf(t, testImage(2, mib))

@@ -59,6 +59,9 @@ var (
 	ErrNoGeneration = errors.New("store: no such generation")
 	// ErrSize reports a virtual size a generation cannot have.
 	ErrSize = errors.New("store: bad virtual size")
+	// ErrConflict reports a digest the store holds with another virtual
+	// size (a digest does not cover the size).
+	ErrConflict = errors.New("store: digest held with another size")
 	// ErrLink reports a compatibility link that could not be made.
 	ErrLink = errors.New("store: cannot make the link")
 )

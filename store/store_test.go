@@ -340,3 +340,44 @@ func TestValidName(t *testing.T) {
 		}
 	}
 }
+
+// TestSameDigestOtherSize: a digest does not cover the virtual size, so a
+// disk 512 bytes shorter whose cut bytes were zero has the same digest. The
+// store refuses it (issue 12 item 7) instead of handing back, or replacing,
+// the generation it holds, and the generation stays as it was.
+func TestSameDigestOtherSize(t *testing.T) {
+	s := newStore(t)
+	data := testImage(1, mib)
+	clear(data[len(data)-512:])
+	short := data[:len(data)-512]
+	mShort := manifestOf(t, short)
+	if mShort.Digest != manifestOf(t, data).Digest {
+		t.Fatal("test data: the short disk has another digest")
+	}
+	g := put(t, s, "baseline", data)
+	before, err := os.Stat(g.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Put("baseline", bytes.NewReader(short), mShort); !errors.Is(err, ErrConflict) {
+		t.Errorf("Put of the same digest with another size: got %v, want ErrConflict", err)
+	}
+	l, err := s.Lock("baseline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p, err := l.OpenPartial(mShort.Digest, mShort.VirtualSize); !errors.Is(err, ErrConflict) {
+		t.Errorf("OpenPartial of the same digest with another size: got %v, want ErrConflict", err)
+		if err == nil {
+			p.Discard()
+		}
+	}
+	l.Unlock()
+	after, err := os.Stat(g.Path)
+	if err != nil || !os.SameFile(before, after) || !after.ModTime().Equal(before.ModTime()) {
+		t.Errorf("generation %s was replaced", g.Path)
+	}
+	if cur, err := s.Current("baseline"); err != nil || cur.VirtualSize != int64(len(data)) || !bytes.Equal(readGen(t, cur), data) {
+		t.Errorf("current after the refused install: %+v, %v", cur, err)
+	}
+}
