@@ -144,15 +144,15 @@ func TestPool(t *testing.T) {
 		t.Fatal(err)
 	}
 	g2 := putGen(t, st, "baseline", testImage(31, 6*mib))
-	ds, err := st.GC(ctx, store.GCOptions{Disks: v.Disks([]string{pool}, false)})
+	rep, err := st.GC(ctx, store.GCOptions{Disks: v.Disks([]string{pool}, false)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if kept := keptBy(ds); len(kept) != 2 || kept[g1.Path] != "referenced" || kept[g2.Path] != "current" {
+	if kept := keptBy(rep.Decisions); len(kept) != 2 || kept[g1.Path] != "referenced" || kept[g2.Path] != "current" {
 		t.Errorf("gc kept %q, want %s (referenced) and %s (current)", kept, g1.Path, g2.Path)
 	}
-	if len(ds) == 2 && (len(ds[1].Users) != 1 || ds[1].Users[0] != ov) {
-		t.Errorf("users of %s: got %q, want [%s]", g1.Path, ds[1].Users, ov)
+	if len(rep.Decisions) == 2 && (len(rep.Decisions[1].Users) != 1 || rep.Decisions[1].Users[0] != ov) {
+		t.Errorf("users of %s: got %q, want [%s]", g1.Path, rep.Decisions[1].Users, ov)
 	}
 	run(t, qimg, "check", ov)
 }

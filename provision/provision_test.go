@@ -276,11 +276,11 @@ func TestOverlay(t *testing.T) {
 	// A new push does not change the guest's disk; gc keeps what it uses.
 	g2 := putGen(t, st, "baseline", testImage(6, 4*mib))
 	compareWithBase(t, ov, "qcow2", g1.Path)
-	ds, err := st.GC(context.Background(), store.GCOptions{ScanDirs: []string{dir}})
+	rep, err := st.GC(context.Background(), store.GCOptions{ScanDirs: []string{dir}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if kept := keptBy(ds); len(kept) != 2 || kept[g1.Path] != "referenced" || kept[g2.Path] != "current" {
+	if kept := keptBy(rep.Decisions); len(kept) != 2 || kept[g1.Path] != "referenced" || kept[g2.Path] != "current" {
 		t.Errorf("gc kept %q, want %s (referenced) and %s (current)", kept, g1.Path, g2.Path)
 	}
 	compareWithBase(t, ov, "qcow2", g1.Path)

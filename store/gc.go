@@ -36,6 +36,11 @@ type Decision struct {
 	Users  []string // the disks or links that reference it
 }
 
+// GCReport is what GC did (or, with DryRun, would do).
+type GCReport struct {
+	Decisions []Decision // one per generation of the names it went through
+}
+
 // maxChain bounds how far GC follows backing files (loops, deep chains).
 const maxChain = 32
 
@@ -43,29 +48,29 @@ const maxChain = 32
 // current one and any that a disk it finds uses (directly, through a backing
 // chain, or through a symlink). It takes each name's lock, so it never runs
 // beside a push to that name.
-func (s *Store) GC(ctx context.Context, o GCOptions) ([]Decision, error) {
+func (s *Store) GC(ctx context.Context, o GCOptions) (*GCReport, error) {
+	rep := &GCReport{}
 	if o.Keep < 0 {
-		return nil, fmt.Errorf("store: keep %d: want 0 or more", o.Keep)
+		return rep, fmt.Errorf("store: keep %d: want 0 or more", o.Keep)
 	}
 	users, err := findUsers(ctx, o)
 	if err != nil {
-		return nil, err
+		return rep, err
 	}
 	names := o.Names
 	if len(names) == 0 {
 		if names, err = s.Names(); err != nil {
-			return nil, err
+			return rep, err
 		}
 	}
-	var out []Decision
 	for _, name := range names {
 		ds, err := s.gcName(o, name, users)
-		out = append(out, ds...)
+		rep.Decisions = append(rep.Decisions, ds...)
 		if err != nil {
-			return out, err
+			return rep, err
 		}
 	}
-	return out, nil
+	return rep, nil
 }
 
 func (s *Store) gcName(o GCOptions, name string, users map[string][]string) (_ []Decision, err error) {

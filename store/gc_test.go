@@ -68,10 +68,11 @@ func TestGC(t *testing.T) {
 	run(t, qimg, "create", "-q", "-f", "qcow2", "-b", rel, "-F", "qcow2", top)
 
 	o := GCOptions{Names: []string{"baseline"}, Keep: 2, ScanDirs: []string{scan}, DryRun: true}
-	ds, err := s.GC(context.Background(), o)
+	rep, err := s.GC(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
+	ds := rep.Decisions
 	want := map[string]string{gens[4]: "current", gens[3]: "newest 2", gens[1]: "referenced", gens[0]: "referenced"}
 	for _, d := range ds {
 		if _, err := os.Stat(d.Gen.Path); err != nil {
@@ -90,11 +91,11 @@ func TestGC(t *testing.T) {
 		t.Errorf("gc while a push held the lock: got %v, want ErrBusy", err)
 	}
 	l.Unlock()
-	ds, err = s.GC(context.Background(), o)
+	rep, err = s.GC(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	checkKept(t, ds, want)
+	checkKept(t, rep.Decisions, want)
 	if _, err := os.Stat(gens[2] + manifestExt); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("removed generation's manifest left: %v", err)
 	}
@@ -126,10 +127,11 @@ func TestGCDisks(t *testing.T) {
 		t.Fatalf("a failed gc removed generations: %d left", len(left))
 	}
 	disks := func(context.Context) ([]string, error) { return []string{ov, "/nonexistent/disk"}, nil }
-	ds, err := s.GC(context.Background(), GCOptions{Disks: disks})
+	rep, err := s.GC(context.Background(), GCOptions{Disks: disks})
 	if err != nil {
 		t.Fatal(err)
 	}
+	ds := rep.Decisions
 	checkKept(t, ds, map[string]string{g1.Path: "referenced", g3.Path: "current"})
 	for _, d := range ds {
 		if d.Gen.Path == g1.Path && (len(d.Users) != 1 || d.Users[0] != ov) {

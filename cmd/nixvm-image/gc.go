@@ -65,8 +65,8 @@ func runGC(ctx context.Context, o *gcOptions, c Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	ds, err := (&store.Store{Dir: o.StoreDir}).GC(ctx, opts)
-	if perr := o.report(c, ds); err == nil {
+	rep, err := (&store.Store{Dir: o.StoreDir}).GC(ctx, opts)
+	if perr := o.report(c, rep); err == nil {
 		err = perr
 	}
 	return err
@@ -94,7 +94,8 @@ func (o *gcOptions) gcOpts() (store.GCOptions, error) {
 }
 
 // report prints one line per generation and a summary.
-func (o *gcOptions) report(c Context, ds []store.Decision) error {
+func (o *gcOptions) report(c Context, rep *store.GCReport) error {
+	ds := rep.Decisions
 	tw := tabwriter.NewWriter(c.Stdout, 0, 4, 2, ' ', 0)
 	var removed, freed int64
 	for _, d := range ds {
