@@ -8,6 +8,9 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"time"
+
+	"github.com/nixvm-image/nixvm-image/internal/fsutil"
 )
 
 // GCOptions say which generations GC may remove and where to look for the
@@ -24,6 +27,9 @@ type GCOptions struct {
 	// Disks, if set, lists more disks to check the same way, such as the
 	// volumes of libvirt pools and the disks of libvirt domains.
 	Disks func(ctx context.Context) ([]string, error)
+	// PartialAge is how long a partial receive no push touched is kept for
+	// a push to resume; 0 means DefaultPartialAge.
+	PartialAge time.Duration
 	// DryRun decides but removes nothing.
 	DryRun bool
 }
@@ -39,6 +45,15 @@ type Decision struct {
 // GCReport is what GC did (or, with DryRun, would do).
 type GCReport struct {
 	Decisions []Decision // one per generation of the names it went through
+	Junk      []Junk     // leftovers removed (with DryRun: to remove)
+}
+
+// Junk is a leftover GC removes: a stale partial receive, an index whose
+// image is gone, an unused image without an index, a temporary file.
+type Junk struct {
+	Path  string
+	Why   string
+	Bytes int64 // disk space it takes
 }
 
 // maxChain bounds how far GC follows backing files (loops, deep chains).
@@ -64,36 +79,46 @@ func (s *Store) GC(ctx context.Context, o GCOptions) (*GCReport, error) {
 		}
 	}
 	for _, name := range names {
-		ds, err := s.gcName(o, name, users)
-		rep.Decisions = append(rep.Decisions, ds...)
-		if err != nil {
+		if err := s.gcName(o, name, users, rep); err != nil {
 			return rep, err
 		}
 	}
 	return rep, nil
 }
 
-func (s *Store) gcName(o GCOptions, name string, users map[string][]string) (_ []Decision, err error) {
+// gcName removes name's generations that the keep rules and users allow,
+// and its leftovers, under its lock, and adds what it did to rep.
+func (s *Store) gcName(o GCOptions, name string, users map[string][]string, rep *GCReport) (err error) {
 	l, err := s.Lock(name)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer func() { err = errors.Join(err, l.Unlock()) }()
 	gens, err := s.List(name) // under the lock: current is up to date
 	if err != nil {
-		return nil, err
+		return err
 	}
-	var out []Decision
 	for i, g := range gens {
 		d := decide(g, i, o.Keep, users[canonical(g.Path)])
+		rep.Decisions = append(rep.Decisions, d)
 		if d.Remove && !o.DryRun {
 			if err := l.Remove(g); err != nil {
-				return append(out, d), err
+				return err
 			}
 		}
-		out = append(out, d)
 	}
-	return out, nil
+	junk, err := l.leftovers(o, users, time.Now())
+	if err != nil {
+		return err
+	}
+	rep.Junk = append(rep.Junk, junk...)
+	if o.DryRun || len(junk) == 0 {
+		return nil
+	}
+	if err := l.removeJunk(junk); err != nil {
+		return err
+	}
+	return fsutil.SyncDir(l.dir)
 }
 
 // decide applies the keep rules to generation g, the i-th of its name

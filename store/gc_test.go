@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
@@ -143,5 +144,83 @@ func TestGCDisks(t *testing.T) {
 	}
 	if _, err := s.GC(context.Background(), GCOptions{Keep: -1}); err == nil {
 		t.Error("gc with Keep -1 ran")
+	}
+}
+
+// TestGCLeftovers: gc removes, under each name's lock, what crashes and
+// abandoned pushes leave (issue 12 item 8): a partial receive older than
+// GCOptions.PartialAge or of a digest the store now holds, an index whose
+// image is gone, an image without an index that no disk uses, temporary
+// files; it keeps a fresh partial (a push may resume it) and an indexless
+// image a disk uses. A dry run removes nothing.
+func TestGCLeftovers(t *testing.T) {
+	s := newStore(t)
+	ga := put(t, s, "a", testImage(1, mib))
+	put(t, s, "b", testImage(2, mib))
+	write := func(name, path string, age time.Duration) string {
+		t.Helper()
+		p := filepath.Join(s.nameDir(name), path)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte("leftover"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		old := time.Now().Add(-age)
+		os.Chtimes(p, old, old)
+		return p
+	}
+	hx := func(b byte) string { return digestHex([32]byte{b}) }
+	stale := []string{
+		write("a", ".partial/"+hx(1)+".raw", 48*time.Hour), // abandoned two days ago
+		write("a", ".partial/"+hx(1)+".hashes", 48*time.Hour),
+		write("a", ".partial/"+hx(1)+".progress", 47*time.Hour),
+		write("a", genFile([32]byte{2})+manifestExt, 0), // index whose image is gone
+		write("a", genFile([32]byte{3}), 0),             // image without index, unused
+		write("a", ".tmp-123.qcow2", time.Hour),         // an install cut short
+		write("a", "."+genFile([32]byte{4})+manifestExt+".tmp-99", time.Hour),
+		write("a", ".tmp-current", time.Hour),
+	}
+	// The partial of a digest "a" holds now has nothing to resume; "b"'s
+	// partial of the same digest is fresh, and b does not hold it.
+	stale = append(stale, write("a", ".partial/"+digestHex(ga.Digest)+".raw", 0))
+	fresh := write("b", ".partial/"+digestHex(ga.Digest)+".raw", 0)
+	used := write("a", genFile([32]byte{5}), 0)
+	scan := t.TempDir()
+	os.Symlink(used, filepath.Join(scan, "link.qcow2"))
+	keep := []string{fresh, used, ga.Path, ga.Path + manifestExt, filepath.Join(s.nameDir("a"), "current")}
+
+	o := GCOptions{ScanDirs: []string{scan}, DryRun: true}
+	rep, err := s.GC(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range append(stale, keep...) {
+		if _, err := os.Lstat(p); err != nil {
+			t.Errorf("dry run removed %s", p)
+		}
+	}
+	o.DryRun = false
+	rep, err = s.GC(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var junk []string
+	for _, j := range rep.Junk {
+		junk = append(junk, j.Path)
+	}
+	for _, p := range stale {
+		if _, err := os.Lstat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("leftover %s not removed: %v", p, err)
+		}
+	}
+	if len(junk) < len(stale)-2 { // a partial's files may be reported as one
+		t.Errorf("report lists %d leftovers, want about %d: %q", len(junk), len(stale), junk)
+	}
+	for _, p := range keep {
+		if _, err := os.Lstat(p); err != nil {
+			t.Errorf("gc removed %s, which it must keep: %v", p, err)
+		}
+	}
+	if list, _ := s.List("a"); len(list) != 1 || list[0].Path != ga.Path {
+		t.Errorf("generations of a after gc: %+v", list)
 	}
 }

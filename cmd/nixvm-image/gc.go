@@ -44,7 +44,10 @@ it (such as the compatibility link /etc/virt/base-images/baseline.qcow2).
 It looks for disks only where it is told: --scan directories (recursively),
 the volumes of --pool libvirt pools, and with --domains every disk of every
 libvirt domain. A disk it is not told about does not protect its base.
-It takes each name's store lock, so it never runs beside a push to it.
+It takes each name's store lock, so it never runs beside a push to it, and
+removes what crashes left there: partial receives no push touched for a day
+(or of a generation the store holds), indexes whose image is gone, images
+without an index that no disk found uses, and temporary files.
 
 Examples:
   nixvm-image gc --keep 2 --scan /var/lib/libvirt/images --dry-run
@@ -115,13 +118,22 @@ func (o *gcOptions) report(c Context, rep *store.GCReport) error {
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", action, d.Gen.Path, why)
 	}
+	verb, action := "removed", "remove"
+	if o.DryRun {
+		verb, action = "would remove", "would remove"
+	}
+	var junkBytes int64
+	for _, j := range rep.Junk {
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", action, j.Path, j.Why)
+		junkBytes += j.Bytes
+	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	verb := "removed"
-	if o.DryRun {
-		verb = "would remove"
+	leftovers := ""
+	if len(rep.Junk) > 0 {
+		leftovers = fmt.Sprintf(", and %d leftovers (%s)", len(rep.Junk), units.Bytes(junkBytes))
 	}
-	_, err := fmt.Fprintf(c.Stdout, "%s %d of %d generations (%s virtual)\n", verb, removed, len(ds), units.Bytes(freed))
+	_, err := fmt.Fprintf(c.Stdout, "%s %d of %d generations (%s virtual)%s\n", verb, removed, len(ds), units.Bytes(freed), leftovers)
 	return err
 }
