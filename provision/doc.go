@@ -13,6 +13,10 @@
 //   - a qcow2 overlay whose backing file is the immutable generation path
 //     (never the store's current symlink), made by qemu-img create.
 //
+// Given an image name (Request.Name) instead of a path, Provision resolves
+// the store's current generation under a store.Use, which keeps gc from
+// removing it until the disk that uses it is in place.
+//
 // An existing disk is never touched. Force recreates it, but is refused while
 // QEMU holds a lock on it or a running libvirt domain lists it among its disks.
 //

@@ -12,6 +12,7 @@ import (
 	"github.com/lima-vm/go-qcow2reader"
 	"github.com/lima-vm/go-qcow2reader/image"
 	"github.com/nixvm-image/nixvm-image/internal/fsutil"
+	"github.com/nixvm-image/nixvm-image/store"
 )
 
 var (
@@ -46,6 +47,11 @@ type Request struct {
 	// Image is the immutable generation to copy or to back an overlay: a
 	// path that later pushes never change (store.Store.Current's Path).
 	Image string
+	// Name, if set instead of Image, is an image name in Store: Provision
+	// takes a store.Use of it, resolves its current generation and keeps
+	// gc from removing that generation until the disk is made.
+	Name  string
+	Store *store.Store
 	// Size is the guest disk's size in bytes; 0 means the image's size. A
 	// block device's own size wins when it is larger.
 	Size int64
@@ -75,11 +81,34 @@ type Result struct {
 	Path    string // the disk's path (a pool volume's vol-path)
 	Created bool   // false: the disk existed and was left untouched
 	Size    int64  // the guest disk's size
+	Image   string // the generation it was made from
 	CopyStats
 }
 
 // Provision makes the disk that req describes unless it exists.
-func Provision(ctx context.Context, req Request) (Result, error) {
+func Provision(ctx context.Context, req Request) (res Result, err error) {
+	if req.Name != "" {
+		if req.Store == nil {
+			return Result{}, fmt.Errorf("%w: image name %q without a store", ErrTarget, req.Name)
+		}
+		u, err := req.Store.Use(ctx, req.Name)
+		if err != nil {
+			return Result{}, err
+		}
+		defer func() { err = errors.Join(err, u.Release()) }()
+		g, err := u.Current()
+		if err != nil {
+			return Result{}, err
+		}
+		req.Image = g.Path
+	}
+	res, err = provision(ctx, req)
+	res.Image = req.Image
+	return res, err
+}
+
+// provision makes the disk from req.Image.
+func provision(ctx context.Context, req Request) (Result, error) {
 	if req.Image == "" {
 		return Result{}, fmt.Errorf("%w: no image", ErrTarget)
 	}

@@ -304,3 +304,43 @@ func TestParseVirsh(t *testing.T) {
 		t.Errorf("domblklist: got %q, want %q", srcs, want)
 	}
 }
+
+// TestOverlayBesideGC makes an overlay while a push makes another
+// generation current and gc runs, at the worst moment: after provision
+// resolved current, before qemu-img created the overlay. The overlay's base
+// must survive (issue 12 item 5): gc skips the name while provision uses
+// it. On main, gc removed the base and qemu-img create failed.
+func TestOverlayBesideGC(t *testing.T) {
+	testutil.NeedTool(t, "qemu-img")
+	st := newStore(t)
+	g1 := putGen(t, st, "baseline", testImage(5, 4*mib))
+	dir := t.TempDir()
+	var rep *store.GCReport
+	run := func(ctx context.Context, argv []string) ([]byte, error) {
+		putGen(t, st, "baseline", testImage(6, 4*mib))
+		var err error
+		if rep, err = st.GC(ctx, store.GCOptions{ScanDirs: []string{dir}}); err != nil {
+			t.Errorf("gc: %v", err)
+		}
+		return ExecRunner(ctx, argv)
+	}
+	ov := filepath.Join(dir, "ci1.qcow2")
+	res, err := Provision(context.Background(), Request{Kind: Overlay, Store: st, Name: "baseline", Target: ov, Run: run})
+	if err != nil || !res.Created || res.Image != g1.Path {
+		t.Fatalf("provision beside gc: got %+v, %v; want an overlay on %s", res, err, g1.Path)
+	}
+	if rep == nil || len(rep.Skipped) != 1 || rep.Skipped[0].Name != "baseline" {
+		t.Errorf("gc beside provision: got %+v, want baseline skipped", rep)
+	}
+	compareWithBase(t, ov, "qcow2", g1.Path)
+	// Now gc sees the overlay and keeps its base.
+	if rep, err = st.GC(context.Background(), store.GCOptions{ScanDirs: []string{dir}}); err != nil {
+		t.Fatal(err)
+	}
+	if kept := keptBy(rep.Decisions); kept[g1.Path] != "referenced" {
+		t.Errorf("gc after provision kept %q, want %s referenced", kept, g1.Path)
+	}
+	if _, err := Provision(context.Background(), Request{Kind: Overlay, Store: st, Name: "nothere", Target: ov + "2"}); !errors.Is(err, store.ErrNoCurrent) {
+		t.Errorf("provision of a missing name: got %v, want store.ErrNoCurrent", err)
+	}
+}

@@ -46,6 +46,14 @@ type Decision struct {
 type GCReport struct {
 	Decisions []Decision // one per generation of the names it went through
 	Junk      []Junk     // leftovers removed (with DryRun: to remove)
+	Skipped   []Skip     // names left alone because they were busy
+}
+
+// Skip is a name GC left alone: a push held its lock, or a disk was being
+// made from one of its generations.
+type Skip struct {
+	Name string
+	Err  error // wraps ErrBusy
 }
 
 // Junk is a leftover GC removes: a stale partial receive, an index whose
@@ -61,16 +69,15 @@ const maxChain = 32
 
 // GC removes each name's generations beyond the newest Keep, except the
 // current one and any that a disk it finds uses (directly, through a backing
-// chain, or through a symlink). It takes each name's lock, so it never runs
-// beside a push to that name.
-func (s *Store) GC(ctx context.Context, o GCOptions) (*GCReport, error) {
+// chain, or through a symlink), and the name's leftovers. It first takes the
+// lock of every name (so no push runs beside it) and excludes every Use (so
+// no disk is being made from a generation), then scans for disks, then
+// removes. A name that is busy is skipped and reported in the result; the
+// others are collected.
+func (s *Store) GC(ctx context.Context, o GCOptions) (_ *GCReport, err error) {
 	rep := &GCReport{}
 	if o.Keep < 0 {
 		return rep, fmt.Errorf("store: keep %d: want 0 or more", o.Keep)
-	}
-	users, err := findUsers(ctx, o)
-	if err != nil {
-		return rep, err
 	}
 	names := o.Names
 	if len(names) == 0 {
@@ -78,23 +85,54 @@ func (s *Store) GC(ctx context.Context, o GCOptions) (*GCReport, error) {
 			return rep, err
 		}
 	}
-	for _, name := range names {
-		if err := s.gcName(o, name, users, rep); err != nil {
+	locks, err := s.lockForGC(names, rep)
+	defer func() {
+		for _, l := range locks {
+			err = errors.Join(err, l.Unlock())
+		}
+	}()
+	if err != nil {
+		return rep, err
+	}
+	users, err := findUsers(ctx, o) // under the locks: no disk appears unseen
+	if err != nil {
+		return rep, err
+	}
+	for _, l := range locks {
+		if err := s.gcName(o, l, users, rep); err != nil {
 			return rep, err
 		}
 	}
 	return rep, nil
 }
 
-// gcName removes name's generations that the keep rules and users allow,
-// and its leftovers, under its lock, and adds what it did to rep.
-func (s *Store) gcName(o GCOptions, name string, users map[string][]string, rep *GCReport) (err error) {
-	l, err := s.Lock(name)
-	if err != nil {
-		return err
+// lockForGC takes the lock of each name and excludes its Uses; busy names
+// go to rep.Skipped.
+func (s *Store) lockForGC(names []string, rep *GCReport) ([]*Lock, error) {
+	var locks []*Lock
+	for _, name := range names {
+		l, err := s.Lock(name)
+		if err == nil {
+			if err = l.excludeUses(); err != nil {
+				err = errors.Join(err, l.Unlock())
+			}
+		}
+		switch {
+		case err == nil:
+			locks = append(locks, l)
+		case errors.Is(err, ErrBusy):
+			rep.Skipped = append(rep.Skipped, Skip{Name: name, Err: err})
+		default:
+			return locks, err
+		}
 	}
-	defer func() { err = errors.Join(err, l.Unlock()) }()
-	gens, err := s.List(name) // under the lock: current is up to date
+	return locks, nil
+}
+
+// gcName removes the locked name's generations that the keep rules and
+// users allow, and its leftovers, and adds what it did to rep.
+func (s *Store) gcName(o GCOptions, l *Lock, users map[string][]string, rep *GCReport) error {
+	gens, err := s.List(l.name) // under the lock: current is up to date
 	if err != nil {
 		return err
 	}

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -88,8 +89,9 @@ func TestGC(t *testing.T) {
 		t.Fatal(err)
 	}
 	o.DryRun = false
-	if _, err := s.GC(context.Background(), o); !errors.Is(err, ErrBusy) {
-		t.Errorf("gc while a push held the lock: got %v, want ErrBusy", err)
+	rep, err = s.GC(context.Background(), o)
+	if err != nil || len(rep.Decisions) != 0 || len(rep.Skipped) != 1 || !errors.Is(rep.Skipped[0].Err, ErrBusy) {
+		t.Errorf("gc while a push held the lock: got %+v, %v; want baseline skipped as busy", rep, err)
 	}
 	l.Unlock()
 	rep, err = s.GC(context.Background(), o)
@@ -222,5 +224,99 @@ func TestGCLeftovers(t *testing.T) {
 	}
 	if list, _ := s.List("a"); len(list) != 1 || list[0].Path != ga.Path {
 		t.Errorf("generations of a after gc: %+v", list)
+	}
+}
+
+// TestGCSkipsBusyNames: a name whose lock a push holds, or one a disk is
+// being made from (a Use), is skipped and reported; gc goes on with the
+// others (issue 12 item 5).
+func TestGCSkipsBusyNames(t *testing.T) {
+	s := newStore(t)
+	var old []Generation
+	for _, name := range []string{"a", "b", "c"} {
+		old = append(old, put(t, s, name, testImage(1, mib)))
+		put(t, s, name, testImage(2, mib))
+	}
+	l, err := s.Lock("a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Unlock()
+	u, err := s.Use(context.Background(), "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Release()
+	rep, err := s.GC(context.Background(), GCOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var skipped []string
+	for _, sk := range rep.Skipped {
+		if !errors.Is(sk.Err, ErrBusy) {
+			t.Errorf("skip of %s: %v, want ErrBusy", sk.Name, sk.Err)
+		}
+		skipped = append(skipped, sk.Name)
+	}
+	if strings.Join(skipped, " ") != "a b" {
+		t.Errorf("skipped %q, want a and b", skipped)
+	}
+	for i, g := range old {
+		_, err := os.Stat(g.Path)
+		if gone := errors.Is(err, os.ErrNotExist); gone != (i == 2) {
+			t.Errorf("old generation of %s: removed %v, want %v", g.Name, gone, i == 2)
+		}
+	}
+}
+
+// TestUse: a Use waits while gc holds the name and gives up with ErrBusy
+// when its context ends; it sees the current generation; a name the store
+// lacks fails with ErrNoCurrent.
+func TestUse(t *testing.T) {
+	s := newStore(t)
+	g := put(t, s, "baseline", testImage(1, mib))
+	l, err := s.Lock("baseline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.excludeUses(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if _, err := s.Use(ctx, "baseline"); !errors.Is(err, ErrBusy) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Use while gc holds the name: got %v, want ErrBusy after the deadline", err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		u, err := s.Use(context.Background(), "baseline")
+		if err == nil {
+			var cur Generation
+			cur, err = u.Current()
+			if err == nil && cur.Path != g.Path {
+				err = fmt.Errorf("current %s, want %s", cur.Path, g.Path)
+			}
+			err = errors.Join(err, u.Release())
+		}
+		done <- err
+	}()
+	time.Sleep(3 * useRetry)
+	l.Unlock()
+	if err := <-done; err != nil {
+		t.Errorf("Use after gc let go: %v", err)
+	}
+	u1, err := s.Use(context.Background(), "baseline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u2, err := s.Use(context.Background(), "baseline")
+	if err != nil {
+		t.Errorf("a second Use beside the first: %v", err)
+	} else {
+		u2.Release()
+	}
+	u1.Release()
+	if _, err := s.Use(context.Background(), "nothere"); !errors.Is(err, ErrNoCurrent) {
+		t.Errorf("Use of a missing name: got %v, want ErrNoCurrent", err)
 	}
 }

@@ -42,7 +42,7 @@ func (l *Lock) leftovers(o GCOptions, users map[string][]string, now time.Time) 
 // junkWhy says why the entry name of the name's directory is junk, or "".
 func (l *Lock) junkWhy(name string, users map[string][]string) string {
 	switch {
-	case name == ".lock" || name == "current" || name == ".partial":
+	case name == ".lock" || name == useLockFile || name == "current" || name == ".partial":
 		return ""
 	case strings.HasPrefix(name, ".") && strings.Contains(name, ".tmp-"):
 		return "temporary file of an interrupted install or swap"

@@ -18,6 +18,7 @@ type Lock struct {
 	name string
 	dir  string
 	f    *os.File
+	use  *os.File // the use lock, while GC excludes Uses
 }
 
 // Lock takes name's lock without waiting. It fails with ErrBusy while
@@ -47,11 +48,15 @@ func (s *Store) Lock(name string) (*Lock, error) {
 
 // Unlock releases the lock. Later calls do nothing.
 func (l *Lock) Unlock() error {
-	if l.f == nil {
-		return nil
+	var err error
+	if l.use != nil {
+		err = l.use.Close()
+		l.use = nil
 	}
-	err := l.f.Close()
-	l.f = nil
+	if l.f != nil {
+		err = errors.Join(err, l.f.Close())
+		l.f = nil
+	}
 	return err
 }
 

@@ -44,8 +44,9 @@ it (such as the compatibility link /etc/virt/base-images/baseline.qcow2).
 It looks for disks only where it is told: --scan directories (recursively),
 the volumes of --pool libvirt pools, and with --domains every disk of every
 libvirt domain. A disk it is not told about does not protect its base.
-It takes each name's store lock, so it never runs beside a push to it, and
-removes what crashes left there: partial receives no push touched for a day
+It takes each name's store lock, so it never runs beside a push to it or
+beside a provision making a disk from it (it skips such a busy name and says
+so), and removes what crashes left there: partial receives no push touched for a day
 (or of a generation the store holds), indexes whose image is gone, images
 without an index that no disk found uses, and temporary files.
 
@@ -127,12 +128,18 @@ func (o *gcOptions) report(c Context, rep *store.GCReport) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", action, j.Path, j.Why)
 		junkBytes += j.Bytes
 	}
+	for _, sk := range rep.Skipped {
+		fmt.Fprintf(tw, "skip\t%s\t%v\n", sk.Name, sk.Err)
+	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
 	leftovers := ""
 	if len(rep.Junk) > 0 {
 		leftovers = fmt.Sprintf(", and %d leftovers (%s)", len(rep.Junk), units.Bytes(junkBytes))
+	}
+	if len(rep.Skipped) > 0 {
+		leftovers += fmt.Sprintf("; skipped %d busy names (run gc again later)", len(rep.Skipped))
 	}
 	_, err := fmt.Fprintf(c.Stdout, "%s %d of %d generations (%s virtual)%s\n", verb, removed, len(ds), units.Bytes(freed), leftovers)
 	return err

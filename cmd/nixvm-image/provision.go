@@ -104,11 +104,10 @@ func runProvision(ctx context.Context, o *provisionOptions, c Context, args []st
 	if err != nil {
 		return err
 	}
-	gen, err := o.generation()
+	imageSize, err := o.image(&req)
 	if err != nil {
 		return err
 	}
-	req.Image = gen.Path
 	if req.Virsh = findVirsh(o.Connect); req.Virsh == nil {
 		if req.Kind == provision.Pool {
 			return fmt.Errorf("--pool needs virsh (libvirt's client), which is not installed here")
@@ -118,7 +117,7 @@ func runProvision(ctx context.Context, o *provisionOptions, c Context, args []st
 		}
 	}
 	var prog *progress
-	if total := max(req.Size, gen.VirtualSize); !o.Quiet && total > 0 {
+	if total := max(req.Size, imageSize); !o.Quiet && total > 0 {
 		prog = newProgress(c.Stderr, isTerminal(c.Stderr))
 		prog.Phase("copying", total)
 		req.Progress = &absProgress{p: prog}
@@ -129,9 +128,9 @@ func runProvision(ctx context.Context, o *provisionOptions, c Context, args []st
 		prog.finish()
 	}
 	if err != nil {
-		return provisionHint(err)
+		return o.hint(err)
 	}
-	o.report(c, req, res, gen, time.Since(start))
+	o.report(c, req, res, time.Since(start))
 	return nil
 }
 
@@ -172,28 +171,33 @@ func (o *provisionOptions) request() (provision.Request, error) {
 	return req, nil
 }
 
-// generation resolves --image: a path as it is, a name to the store's
-// current generation of it.
-func (o *provisionOptions) generation() (store.Generation, error) {
+// image puts --image into req: a path as it is, a name as the store's, for
+// Provision to resolve to its current generation while it keeps gc away.
+// It returns the image's size for the progress bar, when it can tell.
+func (o *provisionOptions) image(req *provision.Request) (int64, error) {
 	if strings.Contains(o.Image, "/") {
-		return store.Generation{Path: o.Image}, nil
+		req.Image = o.Image
+		return 0, nil
 	}
 	if err := store.ValidName(o.Image); err != nil {
-		return store.Generation{}, usageError{fmt.Errorf("--image: %w", err)}
+		return 0, usageError{fmt.Errorf("--image: %w", err)}
 	}
-	gen, err := (&store.Store{Dir: o.StoreDir}).Current(o.Image)
-	if errors.Is(err, store.ErrNoCurrent) {
-		return gen, fmt.Errorf("--image %s: %w (push one first: nixvm-image push HOST --name %s)", o.Image, err, o.Image)
+	req.Store, req.Name = &store.Store{Dir: o.StoreDir}, o.Image
+	// Provision resolves current again under a store.Use and reports what
+	// fails; this look is for the progress bar only.
+	if g, err := req.Store.Current(o.Image); err == nil {
+		return g.VirtualSize, nil
 	}
-	if err != nil {
-		return gen, fmt.Errorf("--image %s: %w", o.Image, err)
-	}
-	return gen, nil
+	return 0, nil
 }
 
-// provisionHint adds to a provision error the flag that changes the outcome.
-func provisionHint(err error) error {
+// hint adds to a provision error the flag that changes the outcome.
+func (o *provisionOptions) hint(err error) error {
 	switch {
+	case errors.Is(err, store.ErrNoCurrent):
+		return fmt.Errorf("--image %s: %w (push one first: nixvm-image push HOST --name %s)", o.Image, err, o.Image)
+	case errors.Is(err, store.ErrName), errors.Is(err, store.ErrBusy):
+		return fmt.Errorf("--image %s: %w", o.Image, err)
 	case errors.Is(err, provision.ErrSize):
 		return fmt.Errorf("--size: %w", err)
 	case errors.Is(err, provision.ErrInUse), errors.Is(err, provision.ErrUnknownUse):
@@ -205,17 +209,17 @@ func provisionHint(err error) error {
 }
 
 // report prints what provision did.
-func (o *provisionOptions) report(c Context, req provision.Request, res provision.Result, gen store.Generation, el time.Duration) {
+func (o *provisionOptions) report(c Context, req provision.Request, res provision.Result, el time.Duration) {
 	if !res.Created {
 		fmt.Fprintf(c.Stdout, "%s exists, left untouched (--force recreates it)\n", res.Path)
 		return
 	}
 	switch req.Kind {
 	case provision.Overlay:
-		fmt.Fprintf(c.Stdout, "created %s: qcow2 overlay of %s on %s\n", res.Path, units.Bytes(res.Size), gen.Path)
+		fmt.Fprintf(c.Stdout, "created %s: qcow2 overlay of %s on %s\n", res.Path, units.Bytes(res.Size), res.Image)
 	default:
 		fmt.Fprintf(c.Stdout, "created %s: %s disk from %s, %s written, %s zeroed, in %s (%s/s)\n",
-			res.Path, units.Bytes(res.Size), gen.Path, units.Bytes(res.Written), units.Bytes(res.Zeroed),
+			res.Path, units.Bytes(res.Size), res.Image, units.Bytes(res.Written), units.Bytes(res.Zeroed),
 			el.Round(time.Millisecond), units.Bytes(int64(float64(res.Written)/max(el.Seconds(), 1e-3))))
 	}
 }
