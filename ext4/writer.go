@@ -1,12 +1,14 @@
 package ext4
 
 import (
-	"bytes"
 	"encoding/binary"
 	"fmt"
 	"io"
 	"path"
 	"strings"
+
+	"github.com/nixvm-image/nixvm-image/ext4/ondisk"
+	"github.com/nixvm-image/nixvm-image/internal/zeros"
 )
 
 // inode is the in-memory form of an inode, serialised at Close.
@@ -24,12 +26,12 @@ type inode struct {
 }
 
 const (
-	sIFREG = 0x8000
-	sIFDIR = 0x4000
-	sIFLNK = 0xA000
+	sIFREG = ondisk.ModeReg
+	sIFDIR = ondisk.ModeDir
+	sIFLNK = ondisk.ModeSymlink
 
-	flagIndex   = 0x1000
-	flagExtents = 0x80000
+	flagIndex   = ondisk.InodeFlagIndex
+	flagExtents = ondisk.InodeFlagExtents
 
 	linkMax = 65000
 )
@@ -87,7 +89,7 @@ func NewWriter(dst io.WriterAt, opts Options) (*Writer, error) {
 		opts:      opts,
 		g:         g,
 		alloc:     newAllocator(g, keptBlocks),
-		csumSeed:  crc32c(^uint32(0), opts.UUID[:]),
+		csumSeed:  ondisk.CRC32C(^uint32(0), opts.UUID[:]),
 		paths:     make(map[string]uint32),
 		units:     make(map[string]*unitState),
 		inoAvoid:  keptInodes,
@@ -141,8 +143,8 @@ func (w *Writer) makeJournal() error {
 	w.fixed += n + tb
 	sb := make([]byte, blockSize)
 	be := binary.BigEndian
-	be.PutUint32(sb[0x0:], 0xC03B3998) // JBD2_MAGIC_NUMBER
-	be.PutUint32(sb[0x4:], 4)          // JBD2_SUPERBLOCK_V2
+	be.PutUint32(sb[0x0:], ondisk.JournalMagic)
+	be.PutUint32(sb[0x4:], 4) // JBD2_SUPERBLOCK_V2
 	be.PutUint32(sb[0xC:], blockSize)
 	be.PutUint32(sb[0x10:], uint32(n))
 	be.PutUint32(sb[0x14:], 1) // s_first
@@ -154,17 +156,12 @@ func (w *Writer) makeJournal() error {
 
 // inodeSeed is the checksum seed of inode ino (generation 0).
 func (w *Writer) inodeSeed(ino uint32) uint32 {
-	var b [4]byte
-	binary.LittleEndian.PutUint32(b[:], ino)
-	c := crc32c(w.csumSeed, b[:])
-	return crc32c(c, []byte{0, 0, 0, 0})
+	return ondisk.InodeSeed(w.csumSeed, ino, 0)
 }
-
-var zeroBlock [blockSize]byte
 
 // writeBlock writes one block unless it is all zero.
 func (w *Writer) writeBlock(blk uint64, b []byte) error {
-	if bytes.Equal(b, zeroBlock[:]) {
+	if zeros.All(b) {
 		return nil
 	}
 	_, err := w.dst.WriteAt(b, int64(blk)*blockSize)
@@ -175,12 +172,12 @@ func (w *Writer) writeBlock(blk uint64, b []byte) error {
 func (w *Writer) writeRun(blk uint64, p []byte) error {
 	n := len(p) / blockSize
 	for i := 0; i < n; {
-		if bytes.Equal(p[i*blockSize:(i+1)*blockSize], zeroBlock[:]) {
+		if zeros.All(p[i*blockSize : (i+1)*blockSize]) {
 			i++
 			continue
 		}
 		j := i + 1
-		for j < n && !bytes.Equal(p[j*blockSize:(j+1)*blockSize], zeroBlock[:]) {
+		for j < n && !zeros.All(p[j*blockSize:(j+1)*blockSize]) {
 			j++
 		}
 		if _, err := w.dst.WriteAt(p[i*blockSize:j*blockSize], int64(blk+uint64(i))*blockSize); err != nil {
