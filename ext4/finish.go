@@ -31,38 +31,12 @@ func (w *Writer) finish() error {
 func (w *Writer) writeDirs() error {
 	for _, d := range w.dirs {
 		in := &w.inodes[d.ino-1]
-		seed := w.inodeSeed(d.ino)
-		var blocks [][]byte
-		if d.ino == lostFoundIno {
-			for i := 0; i < lostFoundBlocks; i++ {
-				b := make([]byte, blockSize)
-				if i == 0 {
-					putLeaf(b, []dirent{{".", d.ino, ftDir}, {"..", d.parent, ftDir}}, seed)
-				} else {
-					putLeaf(b, nil, seed)
-				}
-				blocks = append(blocks, b)
-			}
-			// lost+found may have received entries from headers.
-			if len(d.entries) > 0 {
-				bs, idx, err := buildDir(d, seed, w.hashSeed)
-				if err != nil {
-					return err
-				}
-				blocks = bs
-				if idx {
-					in.flags |= flagIndex
-				}
-			}
-		} else {
-			bs, idx, err := buildDir(d, seed, w.hashSeed)
-			if err != nil {
-				return err
-			}
-			blocks = bs
-			if idx {
-				in.flags |= flagIndex
-			}
+		blocks, idx, err := w.dirBlocks(d)
+		if err != nil {
+			return err
+		}
+		if idx {
+			in.flags |= flagIndex
 		}
 		n := uint64(len(blocks))
 		w.cu = d.unit
@@ -93,6 +67,27 @@ func (w *Writer) writeDirs() error {
 		d.entries = nil
 	}
 	return nil
+}
+
+// dirBlocks returns the blocks of directory d and whether they are
+// hash-indexed. An empty lost+found has lostFoundBlocks blocks, like
+// mke2fs's.
+func (w *Writer) dirBlocks(d *dirInfo) ([][]byte, bool, error) {
+	seed := w.inodeSeed(d.ino)
+	if d.ino != lostFoundIno || len(d.entries) > 0 {
+		return buildDir(d, seed, w.hashSeed)
+	}
+	var blocks [][]byte
+	for i := 0; i < lostFoundBlocks; i++ {
+		b := make([]byte, blockSize)
+		if i == 0 {
+			putLeaf(b, []dirent{{".", d.ino, ftDir}, {"..", d.parent, ftDir}}, seed)
+		} else {
+			putLeaf(b, nil, seed)
+		}
+		blocks = append(blocks, b)
+	}
+	return blocks, false, nil
 }
 
 // encodeTime splits seconds into the 32-bit field and the epoch bits of the

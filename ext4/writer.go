@@ -279,7 +279,7 @@ func (w *Writer) writeHeader(h *Header) error {
 	if name == "." {
 		return fmt.Errorf("%w: the root must be a directory, got %v", ErrInvalidHeader, h.Type)
 	}
-	dirName, base := path.Dir(name), path.Base(name)
+	dirName := path.Dir(name)
 	pino, ok := w.paths[dirName]
 	if !ok {
 		return fmt.Errorf("%w: parent directory %q of %s", ErrNotExist, dirName, h.Name)
@@ -288,100 +288,122 @@ func (w *Writer) writeHeader(h *Header) error {
 	if parent == nil {
 		return fmt.Errorf("%w: parent %q of %s", ErrNotDir, dirName, h.Name)
 	}
+	var e dirent
 	if h.Type == TypeLink {
-		target, err := cleanName(h.Linkname)
-		if err != nil {
-			return err
-		}
-		tino, ok := w.paths[target]
-		if !ok {
-			return fmt.Errorf("%w: hard link target %q of %s", ErrNotExist, h.Linkname, h.Name)
-		}
-		t := &w.inodes[tino-1]
-		if t.dir != nil || tino < firstIno {
-			return fmt.Errorf("%w: hard link %s to directory %q", ErrInvalidHeader, h.Name, h.Linkname)
-		}
-		if t.links >= linkMax {
-			return fmt.Errorf("%w: %q has %d links, want at most %d", ErrTooLarge, h.Linkname, t.links, linkMax)
-		}
-		t.links++
-		parent.entries = append(parent.entries, dirent{base, tino, fileType(t.mode)})
-		w.paths[name] = tino
-		return nil
+		e, err = w.link(h)
+	} else {
+		e, err = w.create(h, pino, parent)
 	}
-	ino, in, err := w.newInode()
 	if err != nil {
 		return err
+	}
+	e.name = path.Base(name)
+	parent.entries = append(parent.entries, e)
+	w.paths[name] = e.ino
+	return nil
+}
+
+// link adds a link to the inode of the earlier file h.Linkname.
+func (w *Writer) link(h *Header) (dirent, error) {
+	target, err := cleanName(h.Linkname)
+	if err != nil {
+		return dirent{}, err
+	}
+	tino, ok := w.paths[target]
+	if !ok {
+		return dirent{}, fmt.Errorf("%w: hard link target %q of %s", ErrNotExist, h.Linkname, h.Name)
+	}
+	t := &w.inodes[tino-1]
+	if t.dir != nil || tino < firstIno {
+		return dirent{}, fmt.Errorf("%w: hard link %s to directory %q", ErrInvalidHeader, h.Name, h.Linkname)
+	}
+	if t.links >= linkMax {
+		return dirent{}, fmt.Errorf("%w: %q has %d links, want at most %d", ErrTooLarge, h.Linkname, t.links, linkMax)
+	}
+	t.links++
+	return dirent{ino: tino, ftype: fileType(t.mode)}, nil
+}
+
+// create makes the inode of a new directory, file or symlink in directory
+// parent (inode pino).
+func (w *Writer) create(h *Header, pino uint32, parent *dirInfo) (dirent, error) {
+	ino, in, err := w.newInode()
+	if err != nil {
+		return dirent{}, err
 	}
 	in.uid, in.gid, in.mtime = h.Uid, h.Gid, h.Mtime
 	in.links = 1
 	perm := uint16(h.Mode)
-	var ft uint8
 	switch h.Type {
 	case TypeDir:
 		in.mode = sIFDIR | perm
 		in.dir = &dirInfo{ino: ino, parent: pino, unit: w.cu}
 		w.dirs = append(w.dirs, in.dir)
 		parent.subdirs++
-		ft = ftDir
+		return dirent{ino: ino, ftype: ftDir}, nil
 	case TypeReg:
 		in.mode = sIFREG | perm
-		ft = ftReg
-		if h.Size < 0 {
-			return fmt.Errorf("%w: %s: size %d is negative", ErrInvalidHeader, h.Name, h.Size)
-		}
-		in.flags = flagExtents
-		in.size = uint64(h.Size)
-		n := (in.size + blockSize - 1) / blockSize
-		if n > 1<<32-1 {
-			return fmt.Errorf("%w: %s: %d bytes", ErrTooLarge, h.Name, h.Size)
-		}
-		var runs []blockRange
-		if n > 0 {
-			if runs, err = w.allocBlocks(n); err != nil {
-				return err
-			}
-		}
-		tb, err := w.extentTree(&in.iblock, ino, runsToExtents(runs, 0))
-		if err != nil {
-			return err
-		}
-		in.blocks = n + tb
-		if n > 0 {
-			w.cur = &fileState{remaining: h.Size, runs: runs, next: runs[0].start}
-		}
+		return dirent{ino: ino, ftype: ftReg}, w.createFile(h, ino, in)
 	case TypeSymlink:
 		in.mode = sIFLNK | 0o777
-		ft = ftSymlink
-		l := len(h.Linkname)
-		if l == 0 || l >= blockSize || strings.IndexByte(h.Linkname, 0) >= 0 {
-			return fmt.Errorf("%w: %s: symlink target of %d bytes, want 1 to %d without NUL", ErrInvalidHeader, h.Name, l, blockSize-1)
-		}
-		in.size = uint64(l)
-		if l < 60 {
-			copy(in.iblock[:], h.Linkname)
-			break
-		}
-		runs, err := w.allocBlocks(1)
-		if err != nil {
-			return err
-		}
-		in.flags = flagExtents
-		if _, err := w.extentTree(&in.iblock, ino, runsToExtents(runs, 0)); err != nil {
-			return err
-		}
-		in.blocks = 1
-		b := make([]byte, blockSize)
-		copy(b, h.Linkname)
-		if err := w.writeBlock(runs[0].start, b); err != nil {
-			return err
-		}
-	default:
-		return fmt.Errorf("%w: %s: unknown type %v", ErrInvalidHeader, h.Name, h.Type)
+		return dirent{ino: ino, ftype: ftSymlink}, w.createSymlink(h, ino, in)
 	}
-	parent.entries = append(parent.entries, dirent{base, ino, ft})
-	w.paths[name] = ino
+	return dirent{}, fmt.Errorf("%w: %s: unknown type %v", ErrInvalidHeader, h.Name, h.Type)
+}
+
+// createFile allocates the blocks of a regular file, which Write fills.
+func (w *Writer) createFile(h *Header, ino uint32, in *inode) error {
+	if h.Size < 0 {
+		return fmt.Errorf("%w: %s: size %d is negative", ErrInvalidHeader, h.Name, h.Size)
+	}
+	in.flags = flagExtents
+	in.size = uint64(h.Size)
+	n := (in.size + blockSize - 1) / blockSize
+	if n > 1<<32-1 {
+		return fmt.Errorf("%w: %s: %d bytes", ErrTooLarge, h.Name, h.Size)
+	}
+	var runs []blockRange
+	if n > 0 {
+		var err error
+		if runs, err = w.allocBlocks(n); err != nil {
+			return err
+		}
+	}
+	tb, err := w.extentTree(&in.iblock, ino, runsToExtents(runs, 0))
+	if err != nil {
+		return err
+	}
+	in.blocks = n + tb
+	if n > 0 {
+		w.cur = &fileState{remaining: h.Size, runs: runs, next: runs[0].start}
+	}
 	return nil
+}
+
+// createSymlink stores a symlink's target: in the inode when shorter than
+// 60 bytes, else in a block of its own.
+func (w *Writer) createSymlink(h *Header, ino uint32, in *inode) error {
+	l := len(h.Linkname)
+	if l == 0 || l >= blockSize || strings.IndexByte(h.Linkname, 0) >= 0 {
+		return fmt.Errorf("%w: %s: symlink target of %d bytes, want 1 to %d without NUL", ErrInvalidHeader, h.Name, l, blockSize-1)
+	}
+	in.size = uint64(l)
+	if l < 60 {
+		copy(in.iblock[:], h.Linkname)
+		return nil
+	}
+	runs, err := w.allocBlocks(1)
+	if err != nil {
+		return err
+	}
+	in.flags = flagExtents
+	if _, err := w.extentTree(&in.iblock, ino, runsToExtents(runs, 0)); err != nil {
+		return err
+	}
+	in.blocks = 1
+	b := make([]byte, blockSize)
+	copy(b, h.Linkname)
+	return w.writeBlock(runs[0].start, b)
 }
 
 // Write writes data of the current regular file.
