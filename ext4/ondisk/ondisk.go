@@ -34,13 +34,15 @@ var (
 	ErrCorrupt = errors.New("corrupt ext4 metadata")
 )
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
 // CRC32C is the kernel's ext4_chksum: crc32c (Castagnoli) continuing from
 // seed, without the final inversion. Checksums chain: CRC32C(CRC32C(s, a), b)
 // is the checksum of a followed by b.
+//
+// The table is made on first use (hash/crc32 makes it once), not at init:
+// a program that never computes a checksum, like nixvm-resize, neither
+// builds nor links it.
 func CRC32C(seed uint32, p []byte) uint32 {
-	return ^crc32.Update(^seed, castagnoli, p)
+	return ^crc32.Update(^seed, crc32.MakeTable(crc32.Castagnoli), p)
 }
 
 // Feature flags (super.rst, "Compatible/Incompatible/Readonly-compatible
