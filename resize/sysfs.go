@@ -64,10 +64,17 @@ func locate(sysfsRoot string, major, minor uint32) (*location, error) {
 	}
 	name := devName(dir)
 	if _, err := os.Stat(filepath.Join(dir, "dm")); err == nil {
-		dmName, _ := readSysfs(filepath.Join(dir, "dm"), "name")
+		dmName, err := readSysfs(filepath.Join(dir, "dm"), "name")
+		if err != nil {
+			dmName = fmt.Sprintf("(name unreadable: %v)", err)
+		}
 		return nil, fmt.Errorf("%w: %s (%s) is a device-mapper device (LVM, LUKS or multipath %q); grow the layers below it yourself", ErrStacked, name, mm, dmName)
 	}
-	if slaves, _ := os.ReadDir(filepath.Join(dir, "slaves")); len(slaves) > 0 {
+	slaves, err := os.ReadDir(filepath.Join(dir, "slaves"))
+	if err != nil && !os.IsNotExist(err) {
+		return nil, fmt.Errorf("resize: %w", err)
+	}
+	if len(slaves) > 0 {
 		return nil, fmt.Errorf("%w: %s (%s) is stacked on %s (md RAID or similar)", ErrStacked, name, mm, slaves[0].Name())
 	}
 	if _, err := os.Stat(filepath.Join(dir, "partition")); err != nil {
@@ -90,11 +97,15 @@ func locate(sysfsRoot string, major, minor uint32) (*location, error) {
 	if loc.diskSize, err = readSysfsUint(disk, "size"); err != nil {
 		return nil, fmt.Errorf("resize: parent of %s: %w", dir, err)
 	}
-	loc.sectorSize = 512
-	if v, err := readSysfsUint(disk, "queue/logical_block_size"); err == nil {
-		if v != 512 && v != 1024 && v != 2048 && v != 4096 {
-			return nil, fmt.Errorf("%w: logical block size of %s got %d, want 512..4096", ErrUnsupported, loc.diskName, v)
-		}
+	loc.sectorSize = 512 // without queue/logical_block_size
+	v, err := readSysfsUint(disk, "queue/logical_block_size")
+	switch {
+	case os.IsNotExist(err):
+	case err != nil:
+		return nil, fmt.Errorf("resize: %w", err)
+	case v != 512 && v != 1024 && v != 2048 && v != 4096:
+		return nil, fmt.Errorf("%w: logical block size of %s got %d, want 512..4096", ErrUnsupported, loc.diskName, v)
+	default:
 		loc.sectorSize = int(v)
 	}
 	return loc, nil
