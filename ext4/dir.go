@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"math/bits"
 	"sort"
+
+	"github.com/nixvm-image/nixvm-image/ext4/ondisk"
 )
 
 // Directory file types (ext4_dir_entry_2.file_type).
@@ -31,7 +33,9 @@ const (
 	leafSpace   = blockSize - 12 // a leaf block minus its checksum tail
 	dxRootLimit = (blockSize-32)/8 - 1
 	dxNodeLimit = (blockSize-8)/8 - 1
-	dxHashHalf  = 1 // DX_HASH_HALF_MD4; unsigned through s_flags
+	dxHashHalf  = 1                     // DX_HASH_HALF_MD4; unsigned through s_flags
+	dxRootCount = ondisk.DxRootInfo + 8 // limit/count after an 8-byte dx_root_info
+	dxNodeCount = 8                     // limit/count after the fake entry
 )
 
 func recLen(nameLen int) int { return (8 + nameLen + 3) &^ 3 }
@@ -72,27 +76,7 @@ func putLeaf(b []byte, ents []dirent, seed uint32) {
 	if len(ents) == 0 {
 		binary.LittleEndian.PutUint16(b[4:], leafSpace)
 	}
-	t := b[leafSpace:]
-	binary.LittleEndian.PutUint16(t[4:], 12)
-	t[7] = 0xDE
-	binary.LittleEndian.PutUint32(t[8:], crc32c(seed, b[:leafSpace]))
-}
-
-// dxCsum sets the dx_tail checksum of an index block whose limit/count
-// header is at countOff.
-func dxCsum(b []byte, countOff int, seed uint32) {
-	limit := int(binary.LittleEndian.Uint16(b[countOff:]))
-	count := int(binary.LittleEndian.Uint16(b[countOff+2:]))
-	tail := countOff + limit*8
-	c := crc32c(seed, b[:countOff+count*8])
-	c = crc32c(c, b[tail:tail+4])
-	c = crc32c(c, []byte{0, 0, 0, 0})
-	binary.LittleEndian.PutUint32(b[tail+4:], c)
-}
-
-type hashedEnt struct {
-	dirent
-	hash, minor uint32
+	ondisk.PutDirTail(b, seed)
 }
 
 // buildDir returns the blocks of a directory (logical order) and whether it
@@ -101,14 +85,48 @@ func buildDir(d *dirInfo, seed uint32, hashSeed [4]uint32) ([][]byte, bool, erro
 	all := make([]dirent, 0, len(d.entries)+2)
 	all = append(all, dirent{".", d.ino, ftDir}, dirent{"..", d.parent, ftDir})
 	all = append(all, d.entries...)
-	leaves := pack(all)
-	if len(leaves) == 1 {
+	if len(pack(all)) == 1 {
 		b := make([]byte, blockSize)
 		putLeaf(b, all, seed)
 		return [][]byte{b}, false, nil
 	}
-	hs := make([]hashedEnt, len(d.entries))
-	for i, e := range d.entries {
+	sorted, hashes := hashOrder(d.entries, hashSeed)
+	leaves := pack(sorted)
+	nl := len(leaves)
+	nodes := 0
+	if nl > dxRootLimit {
+		nodes = (nl + dxNodeLimit - 1) / dxNodeLimit
+		if nodes > dxRootLimit {
+			return nil, false, fmt.Errorf("%w: directory inode %d has %d entries, more than two htree levels hold", ErrTooLarge, d.ino, len(d.entries))
+		}
+	}
+	blocks := make([][]byte, 1+nodes+nl)
+	leafHash := make([]uint32, nl)
+	for i, l := range leaves {
+		b := make([]byte, blockSize)
+		putLeaf(b, sorted[l[0]:l[1]], seed)
+		blocks[1+nodes+i] = b
+		leafHash[i] = hashes[l[0]]
+		if l[0] > 0 && hashes[l[0]-1] == hashes[l[0]] {
+			leafHash[i] |= 1 // the previous leaf holds entries with the same hash
+		}
+	}
+	if err := putIndex(blocks, d, leafHash, nodes, seed); err != nil {
+		return nil, false, err
+	}
+	return blocks, true, nil
+}
+
+type hashedEnt struct {
+	dirent
+	hash, minor uint32
+}
+
+// hashOrder returns the entries in hash order (stable for equal hashes)
+// and their hashes.
+func hashOrder(ents []dirent, hashSeed [4]uint32) ([]dirent, []uint32) {
+	hs := make([]hashedEnt, len(ents))
+	for i, e := range ents {
 		h, m := halfMD4Hash(e.name, hashSeed)
 		hs[i] = hashedEnt{e, h, m}
 	}
@@ -119,33 +137,46 @@ func buildDir(d *dirInfo, seed uint32, hashSeed [4]uint32) ([][]byte, bool, erro
 		return hs[i].minor < hs[j].minor
 	})
 	sorted := make([]dirent, len(hs))
+	hashes := make([]uint32, len(hs))
 	for i := range hs {
-		sorted[i] = hs[i].dirent
+		sorted[i], hashes[i] = hs[i].dirent, hs[i].hash
 	}
-	leaves = pack(sorted)
-	nl := len(leaves)
-	leafHash := make([]uint32, nl)
-	for i, l := range leaves {
-		h := hs[l[0]].hash
-		if i > 0 && hs[l[0]-1].hash == h {
-			h |= 1 // the previous leaf holds entries with the same hash
-		}
-		leafHash[i] = h
-	}
-	nodes := 0
-	if nl > dxRootLimit {
-		nodes = (nl + dxNodeLimit - 1) / dxNodeLimit
-		if nodes > dxRootLimit {
-			return nil, false, fmt.Errorf("%w: directory inode %d has %d entries, more than two htree levels hold", ErrTooLarge, d.ino, len(d.entries))
-		}
-	}
-	blocks := make([][]byte, 1+nodes+nl)
+	return sorted, hashes
+}
+
+// putIndex makes the htree root (blocks[0]) and, with nodes > 0, the
+// interior nodes after it, over the leaves that follow them.
+func putIndex(blocks [][]byte, d *dirInfo, leafHash []uint32, nodes int, seed uint32) error {
+	root := dxRoot(d)
 	firstLeaf := 1 + nodes
-	for i, l := range leaves {
-		b := make([]byte, blockSize)
-		putLeaf(b, sorted[l[0]:l[1]], seed)
-		blocks[firstLeaf+i] = b
+	if nodes == 0 {
+		putDxEntries(root, dxRootCount, dxRootLimit, leafHash, firstLeaf)
+	} else {
+		root[0x1E] = 1 // indirect_levels
+		nodeHash := make([]uint32, nodes)
+		for j := 0; j < nodes; j++ {
+			lo, hi := j*dxNodeLimit, min((j+1)*dxNodeLimit, len(leafHash))
+			nodeHash[j] = leafHash[lo]
+			b := make([]byte, blockSize)
+			binary.LittleEndian.PutUint16(b[4:], blockSize) // a fake entry spanning the block
+			putDxEntries(b, dxNodeCount, dxNodeLimit, leafHash[lo:hi], firstLeaf+lo)
+			if err := ondisk.SetDxChecksum(b, dxNodeCount, seed); err != nil {
+				return fmt.Errorf("BUG: directory inode %d: %w", d.ino, err)
+			}
+			blocks[1+j] = b
+		}
+		putDxEntries(root, dxRootCount, dxRootLimit, nodeHash, 1)
 	}
+	if err := ondisk.SetDxChecksum(root, dxRootCount, seed); err != nil {
+		return fmt.Errorf("BUG: directory inode %d: %w", d.ino, err)
+	}
+	blocks[0] = root
+	return nil
+}
+
+// dxRoot returns an htree root block holding "." and ".." and its
+// dx_root_info (half_md4, 8 bytes, no indirect level yet).
+func dxRoot(d *dirInfo) []byte {
 	root := make([]byte, blockSize)
 	binary.LittleEndian.PutUint32(root[0:], d.ino)
 	binary.LittleEndian.PutUint16(root[4:], 12)
@@ -155,46 +186,23 @@ func buildDir(d *dirInfo, seed uint32, hashSeed [4]uint32) ([][]byte, bool, erro
 	binary.LittleEndian.PutUint16(root[16:], blockSize-12)
 	root[18], root[19] = 2, ftDir
 	root[20], root[21] = '.', '.'
-	root[28] = dxHashHalf
-	root[29] = 8
-	// putEntries writes an index's entries (hash, logical block) at off,
-	// the first entry's hash slot holding limit and count.
-	putEntries := func(b []byte, off, limit int, hashes []uint32, lblocks []uint32) {
-		binary.LittleEndian.PutUint16(b[off:], uint16(limit))
-		binary.LittleEndian.PutUint16(b[off+2:], uint16(len(hashes)))
-		for i := range hashes {
-			if i > 0 {
-				binary.LittleEndian.PutUint32(b[off+8*i:], hashes[i])
-			}
-			binary.LittleEndian.PutUint32(b[off+8*i+4:], lblocks[i])
+	root[ondisk.DxRootInfo+4] = dxHashHalf
+	root[ondisk.DxRootInfo+5] = 8 // info_length
+	return root
+}
+
+// putDxEntries writes an index's entries (hash, logical block) at off, the
+// logical blocks numbered from first; the first entry's hash slot holds
+// limit and count.
+func putDxEntries(b []byte, off, limit int, hashes []uint32, first int) {
+	binary.LittleEndian.PutUint16(b[off:], uint16(limit))
+	binary.LittleEndian.PutUint16(b[off+2:], uint16(len(hashes)))
+	for i := range hashes {
+		if i > 0 {
+			binary.LittleEndian.PutUint32(b[off+8*i:], hashes[i])
 		}
+		binary.LittleEndian.PutUint32(b[off+8*i+4:], uint32(first+i))
 	}
-	lb := func(first, n int) []uint32 {
-		out := make([]uint32, n)
-		for i := range out {
-			out[i] = uint32(first + i)
-		}
-		return out
-	}
-	if nodes == 0 {
-		putEntries(root, 32, dxRootLimit, leafHash, lb(firstLeaf, nl))
-	} else {
-		root[30] = 1
-		nodeHash := make([]uint32, nodes)
-		for j := 0; j < nodes; j++ {
-			lo, hi := j*dxNodeLimit, min((j+1)*dxNodeLimit, nl)
-			nodeHash[j] = leafHash[lo]
-			b := make([]byte, blockSize)
-			binary.LittleEndian.PutUint16(b[4:], blockSize)
-			putEntries(b, 8, dxNodeLimit, leafHash[lo:hi], lb(firstLeaf+lo, hi-lo))
-			dxCsum(b, 8, seed)
-			blocks[1+j] = b
-		}
-		putEntries(root, 32, dxRootLimit, nodeHash, lb(1, nodes))
-	}
-	dxCsum(root, 32, seed)
-	blocks[0] = root
-	return blocks, true, nil
 }
 
 // halfMD4Hash is the kernel's DX_HASH_HALF_MD4_UNSIGNED (fs/ext4/hash.c).

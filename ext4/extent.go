@@ -1,31 +1,23 @@
 package ext4
 
-import (
-	"encoding/binary"
-	"hash/crc32"
-)
-
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-// crc32c is the kernel's ext4_chksum: crc32c without the final inversion,
-// continuing from seed.
-func crc32c(seed uint32, p []byte) uint32 {
-	return ^crc32.Update(^seed, castagnoli, p)
-}
+import "github.com/nixvm-image/nixvm-image/ext4/ondisk"
 
 const (
-	extentMagic    = 0xF30A
-	maxExtentLen   = 32768
+	maxExtentLen   = ondisk.MaxExtentLen
 	inodeExtents   = 4   // entries in i_block
 	blockExtents   = 340 // (4096-12)/12 entries in a tree block
 	extentTailOff  = 12 + blockExtents*12
-	maxExtentDepth = 5
+	maxExtentDepth = ondisk.MaxExtentDepth
 )
 
 type extent struct {
 	logical uint32
 	start   uint64
 	len     uint32
+}
+
+func (e extent) put(b []byte) {
+	ondisk.Extent{Logical: e.logical, Start: e.start, Len: uint16(e.len)}.Put(b)
 }
 
 // runsToExtents splits block runs into extents of at most 32768 blocks,
@@ -60,26 +52,11 @@ func treeBlocks(n int) uint64 {
 	return total
 }
 
-func putExtentHeader(b []byte, entries, max, depth int) {
-	binary.LittleEndian.PutUint16(b[0:], extentMagic)
-	binary.LittleEndian.PutUint16(b[2:], uint16(entries))
-	binary.LittleEndian.PutUint16(b[4:], uint16(max))
-	binary.LittleEndian.PutUint16(b[6:], uint16(depth))
-	binary.LittleEndian.PutUint32(b[8:], 0)
-}
-
-func putExtent(b []byte, e extent) {
-	binary.LittleEndian.PutUint32(b[0:], e.logical)
-	binary.LittleEndian.PutUint16(b[4:], uint16(e.len))
-	binary.LittleEndian.PutUint16(b[6:], uint16(e.start>>32))
-	binary.LittleEndian.PutUint32(b[8:], uint32(e.start))
-}
-
-func putIndex(b []byte, logical uint32, leaf uint64) {
-	binary.LittleEndian.PutUint32(b[0:], logical)
-	binary.LittleEndian.PutUint32(b[4:], uint32(leaf))
-	binary.LittleEndian.PutUint16(b[8:], uint16(leaf>>32))
-	binary.LittleEndian.PutUint16(b[10:], 0)
+// extentNode is a tree node made: the first logical block under it and
+// where it is.
+type extentNode struct {
+	logical uint32
+	block   uint64
 }
 
 // extentTree builds the i_block of an inode for extents, allocating and
@@ -88,9 +65,9 @@ func putIndex(b []byte, logical uint32, leaf uint64) {
 func (w *Writer) extentTree(iblock *[60]byte, ino uint32, exts []extent) (uint64, error) {
 	*iblock = [60]byte{}
 	if len(exts) <= inodeExtents {
-		putExtentHeader(iblock[:], len(exts), inodeExtents, 0)
+		ondisk.ExtentHeader{Entries: uint16(len(exts)), Max: inodeExtents}.Put(iblock[:])
 		for i, e := range exts {
-			putExtent(iblock[12+12*i:], e)
+			e.put(iblock[12+12*i:])
 		}
 		return 0, nil
 	}
@@ -99,59 +76,85 @@ func (w *Writer) extentTree(iblock *[60]byte, ino uint32, exts []extent) (uint64
 	if err != nil {
 		return 0, err
 	}
-	var blocks []uint64
+	tw := &treeWriter{w: w, seed: w.inodeSeed(ino), buf: make([]byte, blockSize)}
 	for _, r := range runs {
 		for b := r.start; b < r.end(); b++ {
-			blocks = append(blocks, b)
+			tw.blocks = append(tw.blocks, b)
 		}
 	}
-	seed := w.inodeSeed(ino)
-	type node struct {
-		logical uint32
-		block   uint64
-	}
-	var level []node
-	buf := make([]byte, blockSize)
-	next := 0
-	writeNode := func(entries, depth int, fill func(i int, b []byte)) (uint64, error) {
-		clear(buf)
-		putExtentHeader(buf, entries, blockExtents, depth)
-		for i := 0; i < entries; i++ {
-			fill(i, buf[12+12*i:])
-		}
-		binary.LittleEndian.PutUint32(buf[extentTailOff:], crc32c(seed, buf[:extentTailOff]))
-		blk := blocks[next]
-		next++
-		return blk, w.writeBlock(blk, buf)
-	}
-	for i := 0; i < len(exts); i += blockExtents {
-		chunk := exts[i:min(i+blockExtents, len(exts))]
-		blk, err := writeNode(len(chunk), 0, func(j int, b []byte) { putExtent(b, chunk[j]) })
-		if err != nil {
-			return 0, err
-		}
-		level = append(level, node{chunk[0].logical, blk})
+	level, err := tw.leaves(exts)
+	if err != nil {
+		return 0, err
 	}
 	depth := 1
 	for len(level) > inodeExtents {
-		var up []node
-		for i := 0; i < len(level); i += blockExtents {
-			chunk := level[i:min(i+blockExtents, len(level))]
-			blk, err := writeNode(len(chunk), depth, func(j int, b []byte) { putIndex(b, chunk[j].logical, chunk[j].block) })
-			if err != nil {
-				return 0, err
-			}
-			up = append(up, node{chunk[0].logical, blk})
+		if level, err = tw.index(level, depth); err != nil {
+			return 0, err
 		}
-		level = up
 		depth++
 	}
 	if depth > maxExtentDepth {
 		return 0, ErrTooLarge
 	}
-	putExtentHeader(iblock[:], len(level), inodeExtents, depth)
+	ondisk.ExtentHeader{Entries: uint16(len(level)), Max: inodeExtents, Depth: uint16(depth)}.Put(iblock[:])
 	for i, nd := range level {
-		putIndex(iblock[12+12*i:], nd.logical, nd.block)
+		ondisk.ExtentIndex{Logical: nd.logical, Leaf: nd.block}.Put(iblock[12+12*i:])
 	}
 	return n, nil
+}
+
+// treeWriter writes the tree blocks of one inode into blocks, in order.
+type treeWriter struct {
+	w      *Writer
+	seed   uint32
+	blocks []uint64
+	next   int
+	buf    []byte
+}
+
+// leaves writes the leaf blocks of exts.
+func (tw *treeWriter) leaves(exts []extent) ([]extentNode, error) {
+	var level []extentNode
+	for i := 0; i < len(exts); i += blockExtents {
+		chunk := exts[i:min(i+blockExtents, len(exts))]
+		blk, err := tw.node(len(chunk), 0, func(j int, b []byte) { chunk[j].put(b) })
+		if err != nil {
+			return nil, err
+		}
+		level = append(level, extentNode{chunk[0].logical, blk})
+	}
+	return level, nil
+}
+
+// index writes the index blocks at depth over the nodes of the level below.
+func (tw *treeWriter) index(below []extentNode, depth int) ([]extentNode, error) {
+	var level []extentNode
+	for i := 0; i < len(below); i += blockExtents {
+		chunk := below[i:min(i+blockExtents, len(below))]
+		blk, err := tw.node(len(chunk), depth, func(j int, b []byte) {
+			ondisk.ExtentIndex{Logical: chunk[j].logical, Leaf: chunk[j].block}.Put(b)
+		})
+		if err != nil {
+			return nil, err
+		}
+		level = append(level, extentNode{chunk[0].logical, blk})
+	}
+	return level, nil
+}
+
+// node writes the next tree block: entries filled by fill, and its
+// checksum.
+func (tw *treeWriter) node(entries, depth int, fill func(i int, b []byte)) (uint64, error) {
+	buf := tw.buf
+	clear(buf)
+	ondisk.ExtentHeader{Entries: uint16(entries), Max: blockExtents, Depth: uint16(depth)}.Put(buf)
+	for i := 0; i < entries; i++ {
+		fill(i, buf[12+12*i:])
+	}
+	if err := ondisk.SetExtentChecksum(buf, tw.seed); err != nil {
+		return 0, err
+	}
+	blk := tw.blocks[tw.next]
+	tw.next++
+	return blk, tw.w.writeBlock(blk, buf)
 }

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"testing"
+
+	"github.com/nixvm-image/nixvm-image/ext4/ondisk"
 )
 
 // memDst records writes by block for reading extent trees back.
@@ -21,7 +23,7 @@ func (m memDst) WriteAt(p []byte, off int64) (int, error) {
 func readTree(t *testing.T, m memDst, node []byte, seed uint32, wantDepth int, inInode bool) []extent {
 	t.Helper()
 	le := binary.LittleEndian
-	if le.Uint16(node) != extentMagic {
+	if le.Uint16(node) != ondisk.ExtentMagic {
 		t.Fatalf("bad extent magic %#x", le.Uint16(node))
 	}
 	n, max, depth := int(le.Uint16(node[2:])), int(le.Uint16(node[4:])), int(le.Uint16(node[6:]))
@@ -31,7 +33,7 @@ func readTree(t *testing.T, m memDst, node []byte, seed uint32, wantDepth int, i
 	wantMax := blockExtents
 	if inInode {
 		wantMax = inodeExtents
-	} else if got, want := le.Uint32(node[extentTailOff:]), crc32c(seed, node[:extentTailOff]); got != want {
+	} else if got, want := le.Uint32(node[extentTailOff:]), ondisk.CRC32C(seed, node[:extentTailOff]); got != want {
 		t.Fatalf("tree block checksum: got %#x, want %#x", got, want)
 	}
 	if max != wantMax || n > max || n == 0 {

@@ -2,31 +2,11 @@ package ext4
 
 import (
 	"encoding/binary"
+
+	"github.com/nixvm-image/nixvm-image/ext4/ondisk"
 )
 
-// Superblock and feature constants (Documentation/filesystems/ext4/super.rst).
-const (
-	compatHasJournal = 0x4
-	compatExtAttr    = 0x8
-	compatDirIndex   = 0x20
-
-	incompatFiletype = 0x2
-	incompatExtents  = 0x40
-	incompat64bit    = 0x80
-	incompatFlexBG   = 0x200
-
-	roSparseSuper  = 0x1
-	roLargeFile    = 0x2
-	roHugeFile     = 0x8
-	roDirNlink     = 0x20
-	roExtraIsize   = 0x40
-	roMetadataCsum = 0x400
-
-	bgInodeUninit = 0x1
-	bgInodeZeroed = 0x4
-
-	flagsUnsignedHash = 0x2
-)
+const flagsUnsignedHash = 0x2 // s_flags: EXT2_FLAGS_UNSIGNED_HASH
 
 type groupStats struct {
 	freeBlocks, freeInodes, usedDirs, itableUnused uint32
@@ -51,38 +31,12 @@ func (w *Writer) finish() error {
 func (w *Writer) writeDirs() error {
 	for _, d := range w.dirs {
 		in := &w.inodes[d.ino-1]
-		seed := w.inodeSeed(d.ino)
-		var blocks [][]byte
-		if d.ino == lostFoundIno {
-			for i := 0; i < lostFoundBlocks; i++ {
-				b := make([]byte, blockSize)
-				if i == 0 {
-					putLeaf(b, []dirent{{".", d.ino, ftDir}, {"..", d.parent, ftDir}}, seed)
-				} else {
-					putLeaf(b, nil, seed)
-				}
-				blocks = append(blocks, b)
-			}
-			// lost+found may have received entries from headers.
-			if len(d.entries) > 0 {
-				bs, idx, err := buildDir(d, seed, w.hashSeed)
-				if err != nil {
-					return err
-				}
-				blocks = bs
-				if idx {
-					in.flags |= flagIndex
-				}
-			}
-		} else {
-			bs, idx, err := buildDir(d, seed, w.hashSeed)
-			if err != nil {
-				return err
-			}
-			blocks = bs
-			if idx {
-				in.flags |= flagIndex
-			}
+		blocks, idx, err := w.dirBlocks(d)
+		if err != nil {
+			return err
+		}
+		if idx {
+			in.flags |= flagIndex
 		}
 		n := uint64(len(blocks))
 		w.cu = d.unit
@@ -113,6 +67,27 @@ func (w *Writer) writeDirs() error {
 		d.entries = nil
 	}
 	return nil
+}
+
+// dirBlocks returns the blocks of directory d and whether they are
+// hash-indexed. An empty lost+found has lostFoundBlocks blocks, like
+// mke2fs's.
+func (w *Writer) dirBlocks(d *dirInfo) ([][]byte, bool, error) {
+	seed := w.inodeSeed(d.ino)
+	if d.ino != lostFoundIno || len(d.entries) > 0 {
+		return buildDir(d, seed, w.hashSeed)
+	}
+	var blocks [][]byte
+	for i := 0; i < lostFoundBlocks; i++ {
+		b := make([]byte, blockSize)
+		if i == 0 {
+			putLeaf(b, []dirent{{".", d.ino, ftDir}, {"..", d.parent, ftDir}}, seed)
+		} else {
+			putLeaf(b, nil, seed)
+		}
+		blocks = append(blocks, b)
+	}
+	return blocks, false, nil
 }
 
 // encodeTime splits seconds into the 32-bit field and the epoch bits of the
@@ -148,9 +123,7 @@ func (w *Writer) encodeInode(b []byte, ino uint32, in *inode) {
 	le.PutUint16(b[0x78:], uint16(in.uid>>16))
 	le.PutUint16(b[0x7A:], uint16(in.gid>>16))
 	le.PutUint16(b[0x80:], extraIsize)
-	c := crc32c(w.inodeSeed(ino), b[:inodeSize])
-	le.PutUint16(b[0x7C:], uint16(c))
-	le.PutUint16(b[0x82:], uint16(c>>16))
+	ondisk.SetInodeChecksum(b[:inodeSize], w.csumSeed, ino)
 }
 
 func (w *Writer) writeInodes(stats []groupStats) error {
@@ -161,7 +134,7 @@ func (w *Writer) writeInodes(stats []groupStats) error {
 	for gi := uint32(0); gi < w.g.groups; gi++ {
 		st := &stats[gi]
 		first := gi*ipg + 1
-		st.flags = bgInodeZeroed
+		st.flags = ondisk.BGInodeZeroed
 		// The table is written up to the group's last used inode; unused
 		// inodes below it (left by units of a previous image) are zero.
 		last := uint32(0)
@@ -174,7 +147,7 @@ func (w *Writer) writeInodes(stats []groupStats) error {
 			}
 		}
 		if last == 0 {
-			st.flags |= bgInodeUninit
+			st.flags |= ondisk.BGInodeUninit
 			st.freeInodes, st.itableUnused = ipg, ipg
 			continue
 		}
@@ -270,7 +243,7 @@ func (w *Writer) writeBitmaps(stats []groupStats) error {
 		}
 		setBits(bm, gn, blocksPerGrp)
 		st.freeBlocks = uint32(gn - used)
-		st.bbCsum = crc32c(w.csumSeed, bm)
+		st.bbCsum = ondisk.CRC32C(w.csumSeed, bm)
 		if err := w.writeBlock(w.g.bbitmap[gi], bm); err != nil {
 			return err
 		}
@@ -279,9 +252,9 @@ func (w *Writer) writeBitmaps(stats []groupStats) error {
 		if ib := w.ibitmaps[gi]; ib != nil {
 			copy(bm, ib)
 		}
-		st.ibCsum = crc32c(w.csumSeed, bm[:w.g.ipg/8])
+		st.ibCsum = ondisk.CRC32C(w.csumSeed, bm[:w.g.ipg/8])
 		setBits(bm, uint64(w.g.ipg), blocksPerGrp)
-		if st.flags&bgInodeUninit == 0 {
+		if st.flags&ondisk.BGInodeUninit == 0 {
 			if err := w.writeBlock(w.g.ibitmap[gi], bm); err != nil {
 				return err
 			}
@@ -291,40 +264,22 @@ func (w *Writer) writeBitmaps(stats []groupStats) error {
 }
 
 func (w *Writer) writeDescriptorsAndSupers(stats []groupStats) error {
-	le := binary.LittleEndian
 	gdt := make([]byte, int(w.g.gdtBlocks)*blockSize)
 	var freeBlocks, freeInodes uint64
 	for gi := uint32(0); gi < w.g.groups; gi++ {
 		st := &stats[gi]
 		freeBlocks += uint64(st.freeBlocks)
 		freeInodes += uint64(st.freeInodes)
-		d := gdt[gi*descSize : (gi+1)*descSize]
-		bb, ib, it := w.g.bbitmap[gi], w.g.ibitmap[gi], w.g.itable[gi]
-		le.PutUint32(d[0x0:], uint32(bb))
-		le.PutUint32(d[0x4:], uint32(ib))
-		le.PutUint32(d[0x8:], uint32(it))
-		le.PutUint16(d[0xC:], uint16(st.freeBlocks))
-		le.PutUint16(d[0xE:], uint16(st.freeInodes))
-		le.PutUint16(d[0x10:], uint16(st.usedDirs))
-		le.PutUint16(d[0x12:], st.flags)
-		le.PutUint16(d[0x18:], uint16(st.bbCsum))
-		le.PutUint16(d[0x1A:], uint16(st.ibCsum))
-		le.PutUint16(d[0x1C:], uint16(st.itableUnused))
-		le.PutUint32(d[0x20:], uint32(bb>>32))
-		le.PutUint32(d[0x24:], uint32(ib>>32))
-		le.PutUint32(d[0x28:], uint32(it>>32))
-		le.PutUint16(d[0x2C:], uint16(st.freeBlocks>>16))
-		le.PutUint16(d[0x2E:], uint16(st.freeInodes>>16))
-		le.PutUint16(d[0x30:], uint16(st.usedDirs>>16))
-		le.PutUint16(d[0x32:], uint16(st.itableUnused>>16))
-		le.PutUint16(d[0x38:], uint16(st.bbCsum>>16))
-		le.PutUint16(d[0x3A:], uint16(st.ibCsum>>16))
-		var gn [4]byte
-		le.PutUint32(gn[:], gi)
-		c := crc32c(w.csumSeed, gn[:])
-		c = crc32c(c, d)
-		le.PutUint16(d[0x1E:], uint16(c))
+		d := ondisk.GroupDesc{
+			BlockBitmap: w.g.bbitmap[gi], InodeBitmap: w.g.ibitmap[gi], InodeTable: w.g.itable[gi],
+			FreeBlocksCount: st.freeBlocks, FreeInodesCount: st.freeInodes, UsedDirsCount: st.usedDirs,
+			ItableUnused: st.itableUnused, Flags: st.flags, BlockBitmapCsum: st.bbCsum, InodeBitmapCsum: st.ibCsum,
+		}
+		b := gdt[gi*descSize : (gi+1)*descSize]
+		d.Put(b)
+		ondisk.SetGroupDescChecksum(w.csumSeed, gi, b)
 	}
+	sb := w.superblock(freeBlocks, freeInodes)
 	for gi := uint32(0); gi < w.g.groups; gi++ {
 		if !hasSuper(gi) {
 			continue
@@ -333,9 +288,10 @@ func (w *Writer) writeDescriptorsAndSupers(stats []groupStats) error {
 		blk := make([]byte, blockSize)
 		off := 0
 		if gi == 0 {
-			off = 1024
+			off = ondisk.SuperblockOffset
 		}
-		w.encodeSuper(blk[off:off+1024], gi, freeBlocks, freeInodes)
+		sb.BlockGroupNr = uint16(gi)
+		copy(blk[off:], sb.Marshal())
 		if err := w.writeBlock(start, blk); err != nil {
 			return err
 		}
@@ -346,51 +302,43 @@ func (w *Writer) writeDescriptorsAndSupers(stats []groupStats) error {
 	return nil
 }
 
-func (w *Writer) encodeSuper(b []byte, group uint32, freeBlocks, freeInodes uint64) {
-	le := binary.LittleEndian
+// superblock is the image's superblock (BlockGroupNr 0).
+func (w *Writer) superblock(freeBlocks, freeInodes uint64) *ondisk.Superblock {
 	g, o := w.g, w.opts
-	le.PutUint32(b[0x0:], uint32(g.inodes()))
-	le.PutUint32(b[0x4:], uint32(g.blocks))
-	le.PutUint32(b[0xC:], uint32(freeBlocks))
-	le.PutUint32(b[0x10:], uint32(freeInodes))
-	le.PutUint32(b[0x14:], 0) // s_first_data_block
-	le.PutUint32(b[0x18:], 2) // s_log_block_size: 4 KiB
-	le.PutUint32(b[0x1C:], 2) // s_log_cluster_size
-	le.PutUint32(b[0x20:], blocksPerGrp)
-	le.PutUint32(b[0x24:], blocksPerGrp)
-	le.PutUint32(b[0x28:], g.ipg)
-	le.PutUint32(b[0x30:], uint32(o.Time)) // s_wtime
-	le.PutUint16(b[0x36:], 0xFFFF)         // s_max_mnt_count: -1
-	le.PutUint16(b[0x38:], 0xEF53)
-	le.PutUint16(b[0x3A:], 1) // s_state: clean
-	le.PutUint16(b[0x3C:], 1) // s_errors: continue
-	le.PutUint32(b[0x40:], uint32(o.Time))
-	le.PutUint32(b[0x4C:], 1) // s_rev_level: dynamic
-	le.PutUint32(b[0x54:], firstIno)
-	le.PutUint16(b[0x58:], inodeSize)
-	le.PutUint16(b[0x5A:], uint16(group))
-	le.PutUint32(b[0x5C:], compatHasJournal|compatExtAttr|compatDirIndex)
-	le.PutUint32(b[0x60:], incompatFiletype|incompatExtents|incompat64bit|incompatFlexBG)
-	le.PutUint32(b[0x64:], roSparseSuper|roLargeFile|roHugeFile|roDirNlink|roExtraIsize|roMetadataCsum)
-	copy(b[0x68:0x78], o.UUID[:])
-	copy(b[0x78:0x88], o.Label)
-	le.PutUint32(b[0xE0:], journalIno)
-	copy(b[0xEC:0xFC], o.HashSeed[:])
-	b[0xFC] = dxHashHalf
-	b[0xFD] = 1 // s_jnl_backup_type: EXT3_JNL_BACKUP_BLOCKS
-	le.PutUint16(b[0xFE:], descSize)
-	le.PutUint32(b[0x100:], 0x000C) // s_default_mount_opts: user_xattr,acl
-	le.PutUint32(b[0x108:], uint32(o.Time))
+	t := uint32(o.Time)
+	s := &ondisk.Superblock{
+		InodesCount: uint32(g.inodes()), BlocksCount: g.blocks,
+		FreeBlocksCount: freeBlocks, FreeInodesCount: uint32(freeInodes),
+		LogBlockSize: 2, LogClusterSize: 2, // 4 KiB
+		BlocksPerGroup: blocksPerGrp, ClustersPerGroup: blocksPerGrp, InodesPerGroup: g.ipg,
+		Wtime: t, LastCheck: t, MkfsTime: t,
+		MaxMntCount: 0xFFFF, // -1
+		Magic:       ondisk.Magic,
+		State:       1, // clean
+		Errors:      1, // continue
+		RevLevel:    1, // dynamic
+		FirstIno:    firstIno, InodeSize: inodeSize,
+		FeatureCompat:   ondisk.CompatHasJournal | ondisk.CompatExtAttr | ondisk.CompatDirIndex,
+		FeatureIncompat: ondisk.IncompatFiletype | ondisk.IncompatExtents | ondisk.Incompat64bit | ondisk.IncompatFlexBG,
+		FeatureRoCompat: ondisk.RoCompatSparseSuper | ondisk.RoCompatLargeFile | ondisk.RoCompatHugeFile |
+			ondisk.RoCompatDirNlink | ondisk.RoCompatExtraIsize | ondisk.RoCompatMetadataCsum,
+		UUID:             o.UUID,
+		JournalInum:      journalIno,
+		HashSeed:         o.HashSeed,
+		DefHashVersion:   dxHashHalf,
+		JnlBackupType:    1, // EXT3_JNL_BACKUP_BLOCKS
+		DescSize:         descSize,
+		DefaultMountOpts: 0x000C, // user_xattr,acl
+		MinExtraIsize:    extraIsize, WantExtraIsize: extraIsize,
+		Flags:            flagsUnsignedHash,
+		LogGroupsPerFlex: flexLog,
+		ChecksumType:     1, // crc32c
+	}
+	copy(s.VolumeName[:], o.Label)
 	j := &w.inodes[journalIno-1]
-	copy(b[0x10C:0x10C+60], j.iblock[:])
-	le.PutUint32(b[0x10C+60:], uint32(j.size>>32))
-	le.PutUint32(b[0x10C+64:], uint32(j.size))
-	le.PutUint32(b[0x150:], uint32(g.blocks>>32))
-	le.PutUint32(b[0x158:], uint32(freeBlocks>>32))
-	le.PutUint16(b[0x15C:], extraIsize)
-	le.PutUint16(b[0x15E:], extraIsize)
-	le.PutUint32(b[0x160:], flagsUnsignedHash)
-	b[0x174] = flexLog
-	b[0x175] = 1 // s_checksum_type: crc32c
-	le.PutUint32(b[0x3FC:], crc32c(^uint32(0), b[:0x3FC]))
+	for i := 0; i < 15; i++ {
+		s.JnlBlocks[i] = binary.LittleEndian.Uint32(j.iblock[4*i:])
+	}
+	s.JnlBlocks[15], s.JnlBlocks[16] = uint32(j.size>>32), uint32(j.size)
+	return s
 }

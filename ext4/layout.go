@@ -99,77 +99,100 @@ func newGeometry(o Options) (*geometry, error) {
 		return nil, fmt.Errorf("%w: size %d bytes is too large, want at most %d", ErrInvalidOptions, o.Size, int64(maxBlocks)*blockSize)
 	}
 	for {
-		g := &geometry{blocks: blocks}
-		g.groups = uint32((blocks + blocksPerGrp - 1) / blocksPerGrp)
-		want := uint64(o.Inodes)
-		if want == 0 {
-			want = blocks * blockSize / 16384
+		g, err := groupGeometry(blocks, o.Inodes)
+		if err != nil {
+			return nil, err
 		}
-		ipg := (want + uint64(g.groups) - 1) / uint64(g.groups)
-		ipg = (ipg + 15) &^ 15
-		if ipg < 16 {
-			ipg = 16
-		}
-		if ipg > blocksPerGrp {
-			return nil, fmt.Errorf("%w: %d inodes need %d per group, want at most %d", ErrInvalidOptions, want, ipg, blocksPerGrp)
-		}
-		g.ipg = uint32(ipg)
-		g.itb = g.ipg * inodeSize / blockSize
-		g.gdtBlocks = uint32((uint64(g.groups)*descSize + blockSize - 1) / blockSize)
-		backup := func(i uint32) uint64 {
-			if hasSuper(i) {
-				return 1 + uint64(g.gdtBlocks)
-			}
-			return 0
-		}
-		perGroup := 2 + uint64(g.itb)
-		if backup(0)+flexSize*perGroup > blocksPerGrp {
-			return nil, fmt.Errorf("%w: %d inodes per group do not fit a flex group's first group", ErrInvalidOptions, g.ipg)
-		}
+		// The last group must hold its metadata and some data, else it
+		// is dropped, as mke2fs does.
 		last := g.groups - 1
-		overhead := backup(last)
+		overhead := g.backup(last)
 		if last%flexSize == 0 {
-			overhead += uint64(g.groups-last) * perGroup
+			overhead += uint64(g.groups-last) * g.perGroup()
 		}
-		if g.groupBlocks(last) < overhead+50 {
-			if g.groups == 1 {
-				return nil, fmt.Errorf("%w: size %d bytes is too small for its metadata", ErrInvalidOptions, o.Size)
-			}
-			blocks = uint64(last) * blocksPerGrp
+		if g.groupBlocks(last) >= overhead+50 {
+			g.place()
+			return g, nil
+		}
+		if g.groups == 1 {
+			return nil, fmt.Errorf("%w: size %d bytes is too small for its metadata", ErrInvalidOptions, o.Size)
+		}
+		blocks = uint64(last) * blocksPerGrp
+	}
+}
+
+// groupGeometry returns the group counts of a file system of blocks blocks
+// with (about) inodes inodes, 0 meaning one per 16 KiB.
+func groupGeometry(blocks uint64, inodes uint32) (*geometry, error) {
+	g := &geometry{blocks: blocks}
+	g.groups = uint32((blocks + blocksPerGrp - 1) / blocksPerGrp)
+	want := uint64(inodes)
+	if want == 0 {
+		want = blocks * blockSize / 16384
+	}
+	ipg := (want + uint64(g.groups) - 1) / uint64(g.groups)
+	ipg = max((ipg+15)&^15, 16)
+	if ipg > blocksPerGrp {
+		return nil, fmt.Errorf("%w: %d inodes need %d per group, want at most %d", ErrInvalidOptions, want, ipg, blocksPerGrp)
+	}
+	g.ipg = uint32(ipg)
+	g.itb = g.ipg * inodeSize / blockSize
+	g.gdtBlocks = uint32((uint64(g.groups)*descSize + blockSize - 1) / blockSize)
+	if g.backup(0)+flexSize*g.perGroup() > blocksPerGrp {
+		return nil, fmt.Errorf("%w: %d inodes per group do not fit a flex group's first group", ErrInvalidOptions, g.ipg)
+	}
+	return g, nil
+}
+
+// backup is the number of blocks of group i that hold a superblock and
+// descriptor table copy.
+func (g *geometry) backup(i uint32) uint64 {
+	if hasSuper(i) {
+		return 1 + uint64(g.gdtBlocks)
+	}
+	return 0
+}
+
+// perGroup is the number of metadata blocks each group has in its flex
+// group: two bitmaps and the inode table.
+func (g *geometry) perGroup() uint64 { return 2 + uint64(g.itb) }
+
+// place puts each group's bitmaps and inode table at the start of its flex
+// group, after the superblock copy, and records every reserved block.
+func (g *geometry) place() {
+	g.journal = defaultJournalBlocks(g.blocks)
+	g.bbitmap = make([]uint64, g.groups)
+	g.ibitmap = make([]uint64, g.groups)
+	g.itable = make([]uint64, g.groups)
+	for i := uint32(0); i < g.groups; i++ {
+		start := uint64(i) * blocksPerGrp
+		g.reserve(blockRange{start, g.backup(i)})
+		if i%flexSize != 0 {
 			continue
 		}
-		g.journal = defaultJournalBlocks(g.blocks)
-		g.bbitmap = make([]uint64, g.groups)
-		g.ibitmap = make([]uint64, g.groups)
-		g.itable = make([]uint64, g.groups)
-		add := func(r blockRange) {
-			if r.len == 0 {
-				return
-			}
-			g.metaTotal += r.len
-			if n := len(g.reserved); n > 0 && g.reserved[n-1].end() == r.start {
-				g.reserved[n-1].len += r.len
-				return
-			}
-			g.reserved = append(g.reserved, r)
+		n := min(uint32(flexSize), g.groups-i)
+		meta := start + g.backup(i)
+		for j := uint32(0); j < n; j++ {
+			g.bbitmap[i+j] = meta + uint64(j)
+			g.ibitmap[i+j] = meta + uint64(n) + uint64(j)
+			g.itable[i+j] = meta + 2*uint64(n) + uint64(j)*uint64(g.itb)
 		}
-		for i := uint32(0); i < g.groups; i++ {
-			start := uint64(i) * blocksPerGrp
-			add(blockRange{start, backup(i)})
-			if i%flexSize != 0 {
-				continue
-			}
-			n := min(uint32(flexSize), g.groups-i)
-			meta := start + backup(i)
-			for j := uint32(0); j < n; j++ {
-				g.bbitmap[i+j] = meta + uint64(j)
-				g.ibitmap[i+j] = meta + uint64(n) + uint64(j)
-				g.itable[i+j] = meta + 2*uint64(n) + uint64(j)*uint64(g.itb)
-			}
-			add(blockRange{meta, uint64(n) * perGroup})
-		}
-		return g, nil
+		g.reserve(blockRange{meta, uint64(n) * g.perGroup()})
 	}
+}
+
+// reserve adds r, which follows every range reserved so far, to the
+// reserved blocks.
+func (g *geometry) reserve(r blockRange) {
+	if r.len == 0 {
+		return
+	}
+	g.metaTotal += r.len
+	if n := len(g.reserved); n > 0 && g.reserved[n-1].end() == r.start {
+		g.reserved[n-1].len += r.len
+		return
+	}
+	g.reserved = append(g.reserved, r)
 }
 
 // fixedBlocks is every block the writer uses whatever the tree: metadata,

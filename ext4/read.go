@@ -1,12 +1,15 @@
 package ext4
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"path"
 	"sort"
+
+	"github.com/nixvm-image/nixvm-image/ext4/ondisk"
 )
 
 // ErrNotExt4 reports an image that ReadPlacements cannot read.
@@ -32,92 +35,111 @@ func ReadPlacements(r io.ReaderAt, unit func(name string) string) (Options, map[
 	if err != nil {
 		return Options{}, nil, err
 	}
-	out := map[string]*unitState{}
-	get := func(name string) *unitState {
-		u := out[name]
-		if u == nil {
-			u = &unitState{name: name}
-			out[name] = u
-		}
-		return u
-	}
-	addBlocks := func(u *unitState, rs []blockRange) {
-		for _, r := range rs {
-			u.rep.Blocks = appendRange(u.rep.Blocks, r)
-		}
-	}
-	type dirRef struct {
-		u   *unitState
-		ino uint32
-	}
-	var dirs []dirRef
-	root := get("")
-	if err := rd.fileBlocks(journalIno, func(rs []blockRange) { addBlocks(root, rs) }); err != nil {
+	p := &placer{rd: rd, unit: unit, units: map[string]*unitState{}}
+	root := p.get("")
+	if err := rd.fileBlocks(journalIno, root.addBlocks); err != nil {
 		return Options{}, nil, fmt.Errorf("journal: %w", err)
 	}
-	dirs = append(dirs, dirRef{root, rootIno}, dirRef{root, lostFoundIno})
-	seen := map[uint32]bool{rootIno: true, lostFoundIno: true, journalIno: true}
-	var walk func(ino uint32, name string, depth int) error
-	walk = func(dino uint32, dname string, depth int) error {
-		if depth > 4096 {
-			return fmt.Errorf("%w: directories nested deeper than 4096", ErrNotExt4)
-		}
-		ents, err := rd.readDir(dino)
-		if err != nil {
-			return fmt.Errorf("directory %q: %w", dname, err)
-		}
-		for _, e := range ents {
-			name := e.name
-			if dname != "." {
-				name = dname + "/" + e.name
-			}
-			if e.ino == lostFoundIno && dino == rootIno {
-				continue
-			}
-			if seen[e.ino] {
-				if e.ftype == ftDir {
-					return fmt.Errorf("%w: directory %q (inode %d) linked twice", ErrNotExt4, name, e.ino)
-				}
-				continue // a hard link: the first name owns the inode
-			}
-			seen[e.ino] = true
-			u := get(unit(name))
-			if e.ino <= lostFoundIno || uint64(e.ino) > rd.inodes {
-				return fmt.Errorf("%w: %q has inode %d", ErrNotExt4, name, e.ino)
-			}
-			u.rep.Inodes = appendRange(u.rep.Inodes, blockRange{uint64(e.ino), 1})
-			in, err := rd.inode(e.ino)
-			if err != nil {
-				return err
-			}
-			if in.mode&0xF000 == sIFDIR {
-				dirs = append(dirs, dirRef{u, e.ino})
-				if err := walk(e.ino, name, depth+1); err != nil {
-					return err
-				}
-				continue
-			}
-			if err := rd.fileBlocks(e.ino, func(rs []blockRange) { addBlocks(u, rs) }); err != nil {
-				return fmt.Errorf("%q: %w", name, err)
-			}
-		}
-		return nil
-	}
-	if err := walk(rootIno, ".", 0); err != nil {
+	p.dirs = append(p.dirs, dirRef{root, rootIno}, dirRef{root, lostFoundIno})
+	p.seen = map[uint32]bool{rootIno: true, lostFoundIno: true, journalIno: true}
+	if err := p.walk(rootIno, ".", 0); err != nil {
 		return Options{}, nil, err
 	}
 	// Directory blocks come last in each unit, in the order the
 	// directories were made: the Writer allocates them at Close.
-	for _, d := range dirs {
-		if err := rd.fileBlocks(d.ino, func(rs []blockRange) { addBlocks(d.u, rs) }); err != nil {
+	for _, d := range p.dirs {
+		if err := rd.fileBlocks(d.ino, d.u.addBlocks); err != nil {
 			return Options{}, nil, fmt.Errorf("directory inode %d: %w", d.ino, err)
 		}
 	}
-	ps := make(map[string]Placement, len(out))
-	for n, u := range out {
+	ps := make(map[string]Placement, len(p.units))
+	for n, u := range p.units {
 		ps[n] = u.rep
 	}
 	return opts, ps, nil
+}
+
+// placer assigns what a tree uses to units, the way the Writer did.
+type placer struct {
+	rd    *reader
+	unit  func(name string) string
+	units map[string]*unitState
+	dirs  []dirRef // in the order the Writer made them
+	seen  map[uint32]bool
+}
+
+type dirRef struct {
+	u   *unitState
+	ino uint32
+}
+
+func (p *placer) get(name string) *unitState {
+	u := p.units[name]
+	if u == nil {
+		u = &unitState{name: name}
+		p.units[name] = u
+	}
+	return u
+}
+
+func (u *unitState) addBlocks(rs []blockRange) {
+	for _, r := range rs {
+		u.rep.Blocks = appendRange(u.rep.Blocks, r)
+	}
+}
+
+// walk places the entries of directory dino (named dname), depth first in
+// name order.
+func (p *placer) walk(dino uint32, dname string, depth int) error {
+	if depth > 4096 {
+		return fmt.Errorf("%w: directories nested deeper than 4096", ErrNotExt4)
+	}
+	ents, err := p.rd.readDir(dino)
+	if err != nil {
+		return fmt.Errorf("directory %q: %w", dname, err)
+	}
+	for _, e := range ents {
+		if e.ino == lostFoundIno && dino == rootIno {
+			continue
+		}
+		name := e.name
+		if dname != "." {
+			name = dname + "/" + e.name
+		}
+		if err := p.entry(e, name, depth); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// entry places one directory entry: its inode, and its blocks or, for a
+// directory, its subtree.
+func (p *placer) entry(e dirent, name string, depth int) error {
+	if p.seen[e.ino] {
+		if e.ftype == ftDir {
+			return fmt.Errorf("%w: directory %q (inode %d) linked twice", ErrNotExt4, name, e.ino)
+		}
+		return nil // a hard link: the first name owns the inode
+	}
+	p.seen[e.ino] = true
+	u := p.get(p.unit(name))
+	if e.ino <= lostFoundIno || uint64(e.ino) > p.rd.inodes {
+		return fmt.Errorf("%w: %q has inode %d", ErrNotExt4, name, e.ino)
+	}
+	u.rep.Inodes = appendRange(u.rep.Inodes, blockRange{uint64(e.ino), 1})
+	in, err := p.rd.inode(e.ino)
+	if err != nil {
+		return err
+	}
+	if in.mode&0xF000 == sIFDIR {
+		p.dirs = append(p.dirs, dirRef{u, e.ino})
+		return p.walk(e.ino, name, depth+1)
+	}
+	if err := p.rd.fileBlocks(e.ino, u.addBlocks); err != nil {
+		return fmt.Errorf("%q: %w", name, err)
+	}
+	return nil
 }
 
 type reader struct {
@@ -140,55 +162,54 @@ func (rd *reader) readBlock(b uint64) ([]byte, error) {
 	return rd.buf[:], nil
 }
 
+// super reads the superblock and the group descriptors, checks that the
+// Writer could have made them and returns the Options they hold.
 func (rd *reader) super() (Options, error) {
-	var sb [1024]byte
-	if _, err := rd.r.ReadAt(sb[:], 1024); err != nil {
-		return Options{}, fmt.Errorf("%w: read superblock: %w", ErrNotExt4, err)
+	s, err := ondisk.ReadSuperblock(rd.r)
+	if err != nil {
+		return Options{}, fmt.Errorf("%w: %w", ErrNotExt4, err)
 	}
-	le := binary.LittleEndian
-	if m := le.Uint16(sb[0x38:]); m != 0xEF53 {
-		return Options{}, fmt.Errorf("%w: magic: got %#x, want 0xef53", ErrNotExt4, m)
+	if err := rd.geometry(s); err != nil {
+		return Options{}, err
 	}
-	if l := le.Uint32(sb[0x18:]); l != 2 {
-		return Options{}, fmt.Errorf("%w: block size: got %d, want 4096", ErrNotExt4, 1024<<l)
-	}
-	incompat := le.Uint32(sb[0x60:])
-	if incompat&(incompat64bit|incompatExtents) != incompat64bit|incompatExtents || le.Uint16(sb[0xFE:]) != descSize {
-		return Options{}, fmt.Errorf("%w: want 64bit descriptors of %d bytes and extents, got features %#x", ErrNotExt4, descSize, incompat)
-	}
-	rd.blocks = uint64(le.Uint32(sb[0x4:])) | uint64(le.Uint32(sb[0x150:]))<<32
-	rd.ipg = le.Uint32(sb[0x28:])
-	rd.inodeSize = uint32(le.Uint16(sb[0x58:]))
-	if bpg := le.Uint32(sb[0x20:]); bpg != blocksPerGrp || rd.ipg == 0 || rd.ipg > blocksPerGrp || rd.inodeSize < 128 || rd.inodeSize > blockSize || rd.blocks == 0 || rd.blocks > maxBlocks {
-		return Options{}, fmt.Errorf("%w: geometry: %d blocks, %d per group, %d inodes per group of %d bytes", ErrNotExt4, rd.blocks, bpg, rd.ipg, rd.inodeSize)
-	}
-	groups := (rd.blocks + blocksPerGrp - 1) / blocksPerGrp
-	rd.inodes = groups * uint64(rd.ipg)
-	if uint64(le.Uint32(sb[0x0:])) != rd.inodes {
-		return Options{}, fmt.Errorf("%w: inode count: got %d, want %d", ErrNotExt4, le.Uint32(sb[0x0:]), rd.inodes)
-	}
-	o := Options{Size: int64(rd.blocks) * blockSize, Time: int64(le.Uint32(sb[0x30:]))}
-	copy(o.UUID[:], sb[0x68:0x78])
-	copy(o.HashSeed[:], sb[0xEC:0xFC])
-	label := sb[0x78:0x88]
-	for i, c := range label {
-		if c == 0 {
-			label = label[:i]
-			break
-		}
+	o := Options{Size: int64(rd.blocks) * blockSize, Time: int64(s.Wtime), UUID: s.UUID, HashSeed: s.HashSeed}
+	label := s.VolumeName[:]
+	if i := bytes.IndexByte(label, 0); i >= 0 {
+		label = label[:i]
 	}
 	o.Label = string(label)
-	rd.itable = make([]uint64, groups)
-	for gi := uint64(0); gi < groups; gi++ {
-		off := gi * descSize
-		b, err := rd.readBlock(1 + off/blockSize)
+	rd.itable = make([]uint64, s.Groups())
+	for gi := range rd.itable {
+		d, err := ondisk.ReadGroupDesc(rd.r, s, uint32(gi))
 		if err != nil {
-			return Options{}, err
+			return Options{}, fmt.Errorf("%w: %w", ErrNotExt4, err)
 		}
-		d := b[off%blockSize:]
-		rd.itable[gi] = uint64(le.Uint32(d[0x8:])) | uint64(le.Uint32(d[0x28:]))<<32
+		rd.itable[gi] = d.InodeTable
 	}
 	return o, nil
+}
+
+// geometry checks the superblock's geometry against the Writer's and keeps
+// it.
+func (rd *reader) geometry(s *ondisk.Superblock) error {
+	if s.LogBlockSize != 2 {
+		return fmt.Errorf("%w: block size: got %d, want 4096", ErrNotExt4, s.BlockSize())
+	}
+	const want = ondisk.Incompat64bit | ondisk.IncompatExtents
+	if s.FeatureIncompat&want != want || s.DescSize != descSize {
+		return fmt.Errorf("%w: want 64bit descriptors of %d bytes and extents, got features %#x", ErrNotExt4, descSize, s.FeatureIncompat)
+	}
+	rd.blocks, rd.ipg, rd.inodeSize = s.BlocksCount, s.InodesPerGroup, uint32(s.InodeSize)
+	if s.BlocksPerGroup != blocksPerGrp || s.FirstDataBlock != 0 || rd.ipg == 0 || rd.ipg > blocksPerGrp ||
+		rd.inodeSize < 128 || rd.inodeSize > blockSize || rd.blocks == 0 || rd.blocks > maxBlocks {
+		return fmt.Errorf("%w: geometry: %d blocks from %d, %d per group, %d inodes per group of %d bytes",
+			ErrNotExt4, rd.blocks, s.FirstDataBlock, s.BlocksPerGroup, rd.ipg, rd.inodeSize)
+	}
+	rd.inodes = s.Groups() * uint64(rd.ipg)
+	if uint64(s.InodesCount) != rd.inodes {
+		return fmt.Errorf("%w: inode count: got %d, want %d", ErrNotExt4, s.InodesCount, rd.inodes)
+	}
+	return nil
 }
 
 type rinode struct {
@@ -232,49 +253,28 @@ func (rd *reader) fileBlocks(ino uint32, fn func([]blockRange)) error {
 	}
 	var data []blockRange
 	levels := make([][]blockRange, maxExtentDepth+1)
-	var node func(b []byte, depth int, budget *int) error
-	node = func(b []byte, wantDepth int, budget *int) error {
-		le := binary.LittleEndian
-		if le.Uint16(b[0:]) != extentMagic {
-			return fmt.Errorf("%w: inode %d: bad extent header", ErrNotExt4, ino)
-		}
-		n, depth := int(le.Uint16(b[2:])), int(le.Uint16(b[6:]))
-		if (wantDepth >= 0 && depth != wantDepth) || depth > maxExtentDepth || 12+12*n > len(b) {
-			return fmt.Errorf("%w: inode %d: extent node of depth %d with %d entries", ErrNotExt4, ino, depth, n)
-		}
-		for i := 0; i < n; i++ {
-			e := b[12+12*i:]
-			if depth == 0 {
-				l := uint64(le.Uint16(e[4:]))
-				if l > maxExtentLen {
-					l -= maxExtentLen // unwritten: still allocated
-				}
-				start := uint64(le.Uint32(e[8:])) | uint64(le.Uint16(e[6:]))<<32
-				if l == 0 || start >= rd.blocks || l > rd.blocks-start {
-					return fmt.Errorf("%w: inode %d: extent %d+%d", ErrNotExt4, ino, start, l)
-				}
-				data = appendRun(data, blockRange{start, l})
-				continue
+	w := ondisk.ExtentWalk{
+		Read: func(n uint64) ([]byte, error) {
+			b, err := rd.readBlock(n)
+			return bytes.Clone(b), err
+		},
+		Extent: func(e ondisk.Extent) error {
+			l := e.Blocks() // unwritten extents are allocated too
+			if l == 0 || e.Start >= rd.blocks || l > rd.blocks-e.Start {
+				return fmt.Errorf("%w: inode %d: extent %d+%d", ErrNotExt4, ino, e.Start, l)
 			}
-			*budget--
-			if *budget < 0 {
-				return fmt.Errorf("%w: inode %d: extent tree too big", ErrNotExt4, ino)
-			}
-			child := uint64(le.Uint32(e[4:])) | uint64(le.Uint16(e[8:]))<<32
-			levels[depth-1] = appendRun(levels[depth-1], blockRange{child, 1})
-			cb, err := rd.readBlock(child)
-			if err != nil {
-				return err
-			}
-			cp := append([]byte(nil), cb...)
-			if err := node(cp, depth-1, budget); err != nil {
-				return err
-			}
-		}
-		return nil
+			data = appendRun(data, blockRange{e.Start, l})
+			return nil
+		},
+		Node: func(n uint64, depth int, _ []byte) error {
+			levels[depth] = appendRun(levels[depth], blockRange{n, 1})
+			return nil
+		},
 	}
-	budget := 1 << 20
-	if err := node(in.iblock[:], -1, &budget); err != nil {
+	if err := w.Walk(in.iblock[:]); err != nil {
+		if errors.Is(err, ondisk.ErrCorrupt) {
+			return fmt.Errorf("%w: inode %d: %w", ErrNotExt4, ino, err)
+		}
 		return err
 	}
 	fn(data)

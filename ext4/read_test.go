@@ -8,6 +8,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/nixvm-image/nixvm-image/internal/zeros"
 )
 
 // storeUnit names the units of a storeGen tree as buildUnits makes them.
@@ -97,7 +99,7 @@ func TestReadPlacementsCorrupt(t *testing.T) {
 	// tables, directories and extent trees live in the first blocks.
 	var meta []int
 	for b := 0; b*blockSize < len(good); b++ {
-		if !bytes.Equal(good[b*blockSize:(b+1)*blockSize], zeroBlock[:]) {
+		if !zeros.All(good[b*blockSize : (b+1)*blockSize]) {
 			meta = append(meta, b)
 		}
 	}

@@ -1,12 +1,14 @@
 package ext4
 
 import (
-	"bytes"
 	"encoding/binary"
 	"fmt"
 	"io"
 	"path"
 	"strings"
+
+	"github.com/nixvm-image/nixvm-image/ext4/ondisk"
+	"github.com/nixvm-image/nixvm-image/internal/zeros"
 )
 
 // inode is the in-memory form of an inode, serialised at Close.
@@ -24,12 +26,12 @@ type inode struct {
 }
 
 const (
-	sIFREG = 0x8000
-	sIFDIR = 0x4000
-	sIFLNK = 0xA000
+	sIFREG = ondisk.ModeReg
+	sIFDIR = ondisk.ModeDir
+	sIFLNK = ondisk.ModeSymlink
 
-	flagIndex   = 0x1000
-	flagExtents = 0x80000
+	flagIndex   = ondisk.InodeFlagIndex
+	flagExtents = ondisk.InodeFlagExtents
 
 	linkMax = 65000
 )
@@ -87,7 +89,7 @@ func NewWriter(dst io.WriterAt, opts Options) (*Writer, error) {
 		opts:      opts,
 		g:         g,
 		alloc:     newAllocator(g, keptBlocks),
-		csumSeed:  crc32c(^uint32(0), opts.UUID[:]),
+		csumSeed:  ondisk.CRC32C(^uint32(0), opts.UUID[:]),
 		paths:     make(map[string]uint32),
 		units:     make(map[string]*unitState),
 		inoAvoid:  keptInodes,
@@ -141,8 +143,8 @@ func (w *Writer) makeJournal() error {
 	w.fixed += n + tb
 	sb := make([]byte, blockSize)
 	be := binary.BigEndian
-	be.PutUint32(sb[0x0:], 0xC03B3998) // JBD2_MAGIC_NUMBER
-	be.PutUint32(sb[0x4:], 4)          // JBD2_SUPERBLOCK_V2
+	be.PutUint32(sb[0x0:], ondisk.JournalMagic)
+	be.PutUint32(sb[0x4:], 4) // JBD2_SUPERBLOCK_V2
 	be.PutUint32(sb[0xC:], blockSize)
 	be.PutUint32(sb[0x10:], uint32(n))
 	be.PutUint32(sb[0x14:], 1) // s_first
@@ -154,17 +156,12 @@ func (w *Writer) makeJournal() error {
 
 // inodeSeed is the checksum seed of inode ino (generation 0).
 func (w *Writer) inodeSeed(ino uint32) uint32 {
-	var b [4]byte
-	binary.LittleEndian.PutUint32(b[:], ino)
-	c := crc32c(w.csumSeed, b[:])
-	return crc32c(c, []byte{0, 0, 0, 0})
+	return ondisk.InodeSeed(w.csumSeed, ino, 0)
 }
-
-var zeroBlock [blockSize]byte
 
 // writeBlock writes one block unless it is all zero.
 func (w *Writer) writeBlock(blk uint64, b []byte) error {
-	if bytes.Equal(b, zeroBlock[:]) {
+	if zeros.All(b) {
 		return nil
 	}
 	_, err := w.dst.WriteAt(b, int64(blk)*blockSize)
@@ -175,12 +172,12 @@ func (w *Writer) writeBlock(blk uint64, b []byte) error {
 func (w *Writer) writeRun(blk uint64, p []byte) error {
 	n := len(p) / blockSize
 	for i := 0; i < n; {
-		if bytes.Equal(p[i*blockSize:(i+1)*blockSize], zeroBlock[:]) {
+		if zeros.All(p[i*blockSize : (i+1)*blockSize]) {
 			i++
 			continue
 		}
 		j := i + 1
-		for j < n && !bytes.Equal(p[j*blockSize:(j+1)*blockSize], zeroBlock[:]) {
+		for j < n && !zeros.All(p[j*blockSize:(j+1)*blockSize]) {
 			j++
 		}
 		if _, err := w.dst.WriteAt(p[i*blockSize:j*blockSize], int64(blk+uint64(i))*blockSize); err != nil {
@@ -282,7 +279,7 @@ func (w *Writer) writeHeader(h *Header) error {
 	if name == "." {
 		return fmt.Errorf("%w: the root must be a directory, got %v", ErrInvalidHeader, h.Type)
 	}
-	dirName, base := path.Dir(name), path.Base(name)
+	dirName := path.Dir(name)
 	pino, ok := w.paths[dirName]
 	if !ok {
 		return fmt.Errorf("%w: parent directory %q of %s", ErrNotExist, dirName, h.Name)
@@ -291,100 +288,122 @@ func (w *Writer) writeHeader(h *Header) error {
 	if parent == nil {
 		return fmt.Errorf("%w: parent %q of %s", ErrNotDir, dirName, h.Name)
 	}
+	var e dirent
 	if h.Type == TypeLink {
-		target, err := cleanName(h.Linkname)
-		if err != nil {
-			return err
-		}
-		tino, ok := w.paths[target]
-		if !ok {
-			return fmt.Errorf("%w: hard link target %q of %s", ErrNotExist, h.Linkname, h.Name)
-		}
-		t := &w.inodes[tino-1]
-		if t.dir != nil || tino < firstIno {
-			return fmt.Errorf("%w: hard link %s to directory %q", ErrInvalidHeader, h.Name, h.Linkname)
-		}
-		if t.links >= linkMax {
-			return fmt.Errorf("%w: %q has %d links, want at most %d", ErrTooLarge, h.Linkname, t.links, linkMax)
-		}
-		t.links++
-		parent.entries = append(parent.entries, dirent{base, tino, fileType(t.mode)})
-		w.paths[name] = tino
-		return nil
+		e, err = w.link(h)
+	} else {
+		e, err = w.create(h, pino, parent)
 	}
-	ino, in, err := w.newInode()
 	if err != nil {
 		return err
+	}
+	e.name = path.Base(name)
+	parent.entries = append(parent.entries, e)
+	w.paths[name] = e.ino
+	return nil
+}
+
+// link adds a link to the inode of the earlier file h.Linkname.
+func (w *Writer) link(h *Header) (dirent, error) {
+	target, err := cleanName(h.Linkname)
+	if err != nil {
+		return dirent{}, err
+	}
+	tino, ok := w.paths[target]
+	if !ok {
+		return dirent{}, fmt.Errorf("%w: hard link target %q of %s", ErrNotExist, h.Linkname, h.Name)
+	}
+	t := &w.inodes[tino-1]
+	if t.dir != nil || tino < firstIno {
+		return dirent{}, fmt.Errorf("%w: hard link %s to directory %q", ErrInvalidHeader, h.Name, h.Linkname)
+	}
+	if t.links >= linkMax {
+		return dirent{}, fmt.Errorf("%w: %q has %d links, want at most %d", ErrTooLarge, h.Linkname, t.links, linkMax)
+	}
+	t.links++
+	return dirent{ino: tino, ftype: fileType(t.mode)}, nil
+}
+
+// create makes the inode of a new directory, file or symlink in directory
+// parent (inode pino).
+func (w *Writer) create(h *Header, pino uint32, parent *dirInfo) (dirent, error) {
+	ino, in, err := w.newInode()
+	if err != nil {
+		return dirent{}, err
 	}
 	in.uid, in.gid, in.mtime = h.Uid, h.Gid, h.Mtime
 	in.links = 1
 	perm := uint16(h.Mode)
-	var ft uint8
 	switch h.Type {
 	case TypeDir:
 		in.mode = sIFDIR | perm
 		in.dir = &dirInfo{ino: ino, parent: pino, unit: w.cu}
 		w.dirs = append(w.dirs, in.dir)
 		parent.subdirs++
-		ft = ftDir
+		return dirent{ino: ino, ftype: ftDir}, nil
 	case TypeReg:
 		in.mode = sIFREG | perm
-		ft = ftReg
-		if h.Size < 0 {
-			return fmt.Errorf("%w: %s: size %d is negative", ErrInvalidHeader, h.Name, h.Size)
-		}
-		in.flags = flagExtents
-		in.size = uint64(h.Size)
-		n := (in.size + blockSize - 1) / blockSize
-		if n > 1<<32-1 {
-			return fmt.Errorf("%w: %s: %d bytes", ErrTooLarge, h.Name, h.Size)
-		}
-		var runs []blockRange
-		if n > 0 {
-			if runs, err = w.allocBlocks(n); err != nil {
-				return err
-			}
-		}
-		tb, err := w.extentTree(&in.iblock, ino, runsToExtents(runs, 0))
-		if err != nil {
-			return err
-		}
-		in.blocks = n + tb
-		if n > 0 {
-			w.cur = &fileState{remaining: h.Size, runs: runs, next: runs[0].start}
-		}
+		return dirent{ino: ino, ftype: ftReg}, w.createFile(h, ino, in)
 	case TypeSymlink:
 		in.mode = sIFLNK | 0o777
-		ft = ftSymlink
-		l := len(h.Linkname)
-		if l == 0 || l >= blockSize || strings.IndexByte(h.Linkname, 0) >= 0 {
-			return fmt.Errorf("%w: %s: symlink target of %d bytes, want 1 to %d without NUL", ErrInvalidHeader, h.Name, l, blockSize-1)
-		}
-		in.size = uint64(l)
-		if l < 60 {
-			copy(in.iblock[:], h.Linkname)
-			break
-		}
-		runs, err := w.allocBlocks(1)
-		if err != nil {
-			return err
-		}
-		in.flags = flagExtents
-		if _, err := w.extentTree(&in.iblock, ino, runsToExtents(runs, 0)); err != nil {
-			return err
-		}
-		in.blocks = 1
-		b := make([]byte, blockSize)
-		copy(b, h.Linkname)
-		if err := w.writeBlock(runs[0].start, b); err != nil {
-			return err
-		}
-	default:
-		return fmt.Errorf("%w: %s: unknown type %v", ErrInvalidHeader, h.Name, h.Type)
+		return dirent{ino: ino, ftype: ftSymlink}, w.createSymlink(h, ino, in)
 	}
-	parent.entries = append(parent.entries, dirent{base, ino, ft})
-	w.paths[name] = ino
+	return dirent{}, fmt.Errorf("%w: %s: unknown type %v", ErrInvalidHeader, h.Name, h.Type)
+}
+
+// createFile allocates the blocks of a regular file, which Write fills.
+func (w *Writer) createFile(h *Header, ino uint32, in *inode) error {
+	if h.Size < 0 {
+		return fmt.Errorf("%w: %s: size %d is negative", ErrInvalidHeader, h.Name, h.Size)
+	}
+	in.flags = flagExtents
+	in.size = uint64(h.Size)
+	n := (in.size + blockSize - 1) / blockSize
+	if n > 1<<32-1 {
+		return fmt.Errorf("%w: %s: %d bytes", ErrTooLarge, h.Name, h.Size)
+	}
+	var runs []blockRange
+	if n > 0 {
+		var err error
+		if runs, err = w.allocBlocks(n); err != nil {
+			return err
+		}
+	}
+	tb, err := w.extentTree(&in.iblock, ino, runsToExtents(runs, 0))
+	if err != nil {
+		return err
+	}
+	in.blocks = n + tb
+	if n > 0 {
+		w.cur = &fileState{remaining: h.Size, runs: runs, next: runs[0].start}
+	}
 	return nil
+}
+
+// createSymlink stores a symlink's target: in the inode when shorter than
+// 60 bytes, else in a block of its own.
+func (w *Writer) createSymlink(h *Header, ino uint32, in *inode) error {
+	l := len(h.Linkname)
+	if l == 0 || l >= blockSize || strings.IndexByte(h.Linkname, 0) >= 0 {
+		return fmt.Errorf("%w: %s: symlink target of %d bytes, want 1 to %d without NUL", ErrInvalidHeader, h.Name, l, blockSize-1)
+	}
+	in.size = uint64(l)
+	if l < 60 {
+		copy(in.iblock[:], h.Linkname)
+		return nil
+	}
+	runs, err := w.allocBlocks(1)
+	if err != nil {
+		return err
+	}
+	in.flags = flagExtents
+	if _, err := w.extentTree(&in.iblock, ino, runsToExtents(runs, 0)); err != nil {
+		return err
+	}
+	in.blocks = 1
+	b := make([]byte, blockSize)
+	copy(b, h.Linkname)
+	return w.writeBlock(runs[0].start, b)
 }
 
 // Write writes data of the current regular file.

@@ -1,41 +1,45 @@
 package resize
 
 import (
-	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
+
+	"github.com/nixvm-image/nixvm-image/ext4/ondisk"
 )
 
-// ext4Super is what growing needs from an ext4 superblock
-// (kernel Documentation/filesystems/ext4/super.rst).
-type ext4Super struct {
-	blocks    uint64
-	blockSize uint64
-	is64bit   bool
+// ext4MaxBlocks32 is the most blocks an ext4 without the 64bit feature can
+// have.
+const ext4MaxBlocks32 = 1<<32 - 1
+
+// readExt4Super reads the superblock of the file system on r. Bytes that
+// hold no ext2/3/4 superblock give ErrNotExt4.
+func readExt4Super(r io.ReaderAt) (*ondisk.Superblock, error) {
+	sb, err := ondisk.ReadSuperblock(r)
+	if errors.Is(err, ondisk.ErrNoSuperblock) {
+		return nil, fmt.Errorf("%w: %w", ErrNotExt4, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("resize: %w", err)
+	}
+	return sb, nil
 }
 
-const (
-	ext4Magic       = 0xef53
-	ext4Incompat64  = 0x80
-	ext4MaxBlocks32 = 1<<32 - 1
-)
+// readPartitionSuper opens the partition at path read-only and reads its
+// ext4 superblock.
+func readPartitionSuper(opts Options, path string) (sb *ondisk.Superblock, err error) {
+	part, err := opts.Open(path, false)
+	if err != nil {
+		return nil, fmt.Errorf("resize: open %s: %w", path, err)
+	}
+	defer closeDevice(part, path, &err)
+	return readExt4Super(part)
+}
 
-func readExt4Super(r io.ReaderAt) (*ext4Super, error) {
-	b := make([]byte, 1024)
-	if _, err := r.ReadAt(b, 1024); err != nil {
-		return nil, fmt.Errorf("resize: read superblock: %w", err)
+// closeDevice closes d, and keeps its error in *err unless *err holds one
+// already.
+func closeDevice(d io.Closer, path string, err *error) {
+	if cerr := d.Close(); cerr != nil && *err == nil {
+		*err = fmt.Errorf("resize: close %s: %w", path, cerr)
 	}
-	if m := binary.LittleEndian.Uint16(b[0x38:]); m != ext4Magic {
-		return nil, fmt.Errorf("%w: superblock magic got %#04x, want %#04x (ext2/3/4)", ErrNotExt4, m, ext4Magic)
-	}
-	logBS := binary.LittleEndian.Uint32(b[0x18:])
-	if logBS > 6 {
-		return nil, fmt.Errorf("%w: block size 2^(10+%d)", ErrNotExt4, logBS)
-	}
-	s := &ext4Super{blockSize: 1024 << logBS, blocks: uint64(binary.LittleEndian.Uint32(b[0x4:]))}
-	if binary.LittleEndian.Uint32(b[0x60:])&ext4Incompat64 != 0 {
-		s.is64bit = true
-		s.blocks |= uint64(binary.LittleEndian.Uint32(b[0x150:])) << 32
-	}
-	return s, nil
 }

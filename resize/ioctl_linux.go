@@ -22,12 +22,12 @@ func statDev(path string) (uint32, uint32, error) {
 
 // blkpgResize asks the kernel to resize partition pno of the disk (start and
 // length in bytes). Unlike BLKRRPART it works while the partition is in use.
-func blkpgResize(diskPath string, pno int, start, length int64) error {
+func blkpgResize(diskPath string, pno int, start, length int64) (err error) {
 	f, err := os.Open(diskPath)
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	defer closeDevice(f, diskPath, &err)
 	part := unix.BlkpgPartition{Start: start, Length: length, Pno: int32(pno)}
 	arg := unix.BlkpgIoctlArg{
 		Op:      unix.BLKPG_RESIZE_PARTITION,
@@ -42,12 +42,12 @@ func blkpgResize(diskPath string, pno int, start, length int64) error {
 }
 
 // ext4Resize grows the ext4 mounted at mountpoint to blocks blocks.
-func ext4Resize(mountpoint string, blocks uint64) error {
+func ext4Resize(mountpoint string, blocks uint64) (err error) {
 	f, err := os.Open(mountpoint)
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	defer closeDevice(f, mountpoint, &err)
 	n := blocks
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), ext4IocResizeFS, uintptr(unsafe.Pointer(&n)))
 	if errno == unix.EPERM {

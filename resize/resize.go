@@ -40,6 +40,9 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/nixvm-image/nixvm-image/ext4/ondisk"
+	"github.com/nixvm-image/nixvm-image/internal/units"
 )
 
 var (
@@ -133,8 +136,7 @@ func openDevice(path string, write bool) (Device, error) {
 	// lock on it, so it will not re-read the table under our feet (growpart
 	// takes the same lock). Released by Close.
 	if err := lockExclusive(f); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
+		return nil, errors.Join(fmt.Errorf("lock %s: %w", path, err), f.Close())
 	}
 	return f, nil
 }
@@ -143,140 +145,177 @@ func openDevice(path string, write bool) (Device, error) {
 // printing one line per step to out.
 func Run(opts Options, out io.Writer) (res *Result, err error) {
 	opts.defaults()
-	t0 := time.Now()
-	would := ""
+	r := &runner{opts: opts, t0: time.Now(), say: func(format string, args ...any) { fmt.Fprintf(out, format+"\n", args...) }}
 	if opts.DryRun {
-		would = "would "
+		r.would = "would "
 	}
-	say := func(format string, args ...any) { fmt.Fprintf(out, format+"\n", args...) }
-
-	major, minor, err := opts.StatDev(opts.Mountpoint)
-	if err != nil {
-		return nil, fmt.Errorf("resize: %s: %w", opts.Mountpoint, err)
+	if err := r.locate(); err != nil {
+		return nil, err
 	}
-	loc, err := locate(opts.SysfsRoot, major, minor)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", opts.Mountpoint, err)
-	}
-	res = &Result{
-		Partition: filepath.Join(opts.DevRoot, loc.partName),
-		Disk:      filepath.Join(opts.DevRoot, loc.diskName),
-	}
-	say("%s is on %s (%s), partition %d of %s (%s, %d-byte sectors)",
-		opts.Mountpoint, res.Partition, loc.majMin, loc.pno, res.Disk, human(loc.diskSize*512), loc.sectorSize)
-
 	// Read everything before writing anything: a setup we leave alone must
 	// see no write at all.
-	part, err := opts.Open(res.Partition, false)
+	if r.sb, err = readPartitionSuper(opts, r.res.Partition); err != nil {
+		return r.res, fmt.Errorf("%s on %s: %w", opts.Mountpoint, r.res.Partition, err)
+	}
+	r.res.OldBytes = r.sb.BlocksCount * uint64(r.sb.BlockSize())
+	r.res.NewBytes = r.res.OldBytes
+	disk, err := opts.Open(r.res.Disk, !opts.DryRun)
 	if err != nil {
-		return res, fmt.Errorf("resize: open %s: %w", res.Partition, err)
+		return r.res, fmt.Errorf("resize: open %s: %w", r.res.Disk, err)
 	}
-	sb, err := readExt4Super(part)
-	part.Close()
-	if err != nil {
-		return res, fmt.Errorf("%s on %s: %w", opts.Mountpoint, res.Partition, err)
+	defer closeDevice(disk, r.res.Disk, &err)
+	if err := r.planTable(disk); err != nil {
+		return r.res, err
 	}
-	res.OldBytes, res.NewBytes = sb.blocks*sb.blockSize, sb.blocks*sb.blockSize
-
-	disk, err := opts.Open(res.Disk, !opts.DryRun)
-	if err != nil {
-		return res, fmt.Errorf("resize: open %s: %w", res.Disk, err)
-	}
-	defer func() {
-		if cerr := disk.Close(); cerr != nil && err == nil {
-			err = fmt.Errorf("resize: close %s: %w", res.Disk, cerr)
-		}
-	}()
-	ss := uint64(loc.sectorSize)
-	diskSectors := loc.diskSize * 512 / ss
-	p, err := planTable(disk, loc.sectorSize, diskSectors, loc.pno)
-	if err != nil {
-		return res, fmt.Errorf("%s: %w", res.Disk, err)
-	}
-	res.Table = p.table
-	if p.start*ss != loc.partStart*512 {
-		return res, fmt.Errorf("%w: %s: the kernel has partition %d at byte %d, the %s table at byte %d; reboot or fix the table",
-			ErrCorruptTable, res.Disk, loc.pno, loc.partStart*512, p.table, p.start*ss)
-	}
-
-	// Step 1: the partition table.
-	if p.upToDate() {
-		say("%s: partition %d already ends at sector %d, nothing to do", p.table, p.pno, p.oldEnd)
-	} else {
-		res.Changed = true
-		for _, f := range p.tableFixes {
-			say("%s: %s%s", p.table, would, f)
-		}
-		if p.newEnd != p.oldEnd {
-			say("%s: %sgrow partition %d from sectors %d-%d (%s) to %d-%d (%s), %s", p.table, would, p.pno,
-				p.start, p.oldEnd, human((p.oldEnd-p.start+1)*ss), p.start, p.newEnd, human((p.newEnd-p.start+1)*ss), p.note)
-		}
-		if !opts.DryRun {
-			if err := p.apply(disk, say); err != nil {
-				return res, err
-			}
+	for _, step := range []func(Device) error{r.growTable, r.growKernel, r.growFS} {
+		if err := step(disk); err != nil {
+			return r.res, err
 		}
 	}
-
-	// Step 2: the kernel's idea of the partition.
-	tableBytes := (p.newEnd - p.start + 1) * ss
-	if kernelBytes := loc.partSize * 512; kernelBytes < tableBytes {
-		res.Changed = true
-		say("kernel: %sresize %s from %s to %s (BLKPG_RESIZE_PARTITION on %s)", would, res.Partition, human(kernelBytes), human(tableBytes), res.Disk)
-		if !opts.DryRun {
-			if err := opts.ResizePartition(res.Disk, loc.pno, int64(p.start*ss), int64(tableBytes)); err != nil {
-				return res, fmt.Errorf("resize: BLKPG_RESIZE_PARTITION %s partition %d: %w", res.Disk, loc.pno, err)
-			}
-		}
-	} else {
-		say("kernel: %s is already %s, nothing to do", res.Partition, human(kernelBytes))
-	}
-
-	// Step 3: the file system.
-	newBlocks := tableBytes / sb.blockSize
-	if !sb.is64bit && newBlocks > ext4MaxBlocks32 {
-		say("ext4: without the 64bit feature the file system stops at %d blocks (%s)", uint64(ext4MaxBlocks32), human(ext4MaxBlocks32*sb.blockSize))
-		newBlocks = ext4MaxBlocks32
-	}
-	if newBlocks <= sb.blocks {
-		say("ext4: %s already has %d blocks of %d bytes (%s), nothing to do", opts.Mountpoint, sb.blocks, sb.blockSize, human(res.OldBytes))
-	} else {
-		res.Changed = true
-		res.NewBytes = newBlocks * sb.blockSize
-		say("ext4: %sgrow %s from %d to %d blocks of %d bytes (%s to %s, EXT4_IOC_RESIZE_FS)", would, opts.Mountpoint,
-			sb.blocks, newBlocks, sb.blockSize, human(res.OldBytes), human(res.NewBytes))
-		if !opts.DryRun {
-			if err := opts.ResizeFS(opts.Mountpoint, newBlocks); err != nil {
-				return res, fmt.Errorf("resize: EXT4_IOC_RESIZE_FS %s to %d blocks: %w", opts.Mountpoint, newBlocks, err)
-			}
-			if err := verifyBlocks(opts, res.Partition, newBlocks); err != nil {
-				return res, err
-			}
-		}
-	}
-	switch {
-	case opts.DryRun:
-		say("dry run: nothing written")
-	case res.Changed:
-		say("done: %s grew from %s to %s in %s", opts.Mountpoint, human(res.OldBytes), human(res.NewBytes), time.Since(t0).Round(time.Millisecond))
-	default:
-		say("nothing to do: %s already fills %s", opts.Mountpoint, res.Disk)
-	}
-	return res, nil
+	r.summary()
+	return r.res, nil
 }
 
-func verifyBlocks(opts Options, partPath string, want uint64) error {
-	part, err := opts.Open(partPath, false)
+// runner is one Run: what it found so far and how it reports.
+type runner struct {
+	opts  Options
+	t0    time.Time
+	say   func(format string, args ...any)
+	would string // "would " with DryRun
+
+	res *Result
+	loc *location
+	sb  *ondisk.Superblock
+	p   *plan
+	ss  uint64 // logical sector size
+}
+
+// locate finds the partition and disk under the mount point.
+func (r *runner) locate() error {
+	major, minor, err := r.opts.StatDev(r.opts.Mountpoint)
 	if err != nil {
-		return fmt.Errorf("resize: open %s: %w", partPath, err)
+		return fmt.Errorf("resize: %s: %w", r.opts.Mountpoint, err)
 	}
-	defer part.Close()
-	sb, err := readExt4Super(part)
+	loc, err := locate(r.opts.SysfsRoot, major, minor)
 	if err != nil {
-		return fmt.Errorf("resize: after growing: %w", err)
+		return fmt.Errorf("%s: %w", r.opts.Mountpoint, err)
 	}
-	if sb.blocks != want {
-		return fmt.Errorf("resize: after EXT4_IOC_RESIZE_FS, %s has %d blocks, want %d", partPath, sb.blocks, want)
+	r.loc, r.ss = loc, uint64(loc.sectorSize)
+	r.res = &Result{
+		Partition: filepath.Join(r.opts.DevRoot, loc.partName),
+		Disk:      filepath.Join(r.opts.DevRoot, loc.diskName),
+	}
+	r.say("%s is on %s (%s), partition %d of %s (%s, %d-byte sectors)",
+		r.opts.Mountpoint, r.res.Partition, loc.majMin, loc.pno, r.res.Disk, human(loc.diskSize*512), loc.sectorSize)
+	return nil
+}
+
+// planTable reads the disk's partition table and plans the growth; the
+// table must agree with the kernel on where the partition starts.
+func (r *runner) planTable(disk Device) error {
+	diskSectors := r.loc.diskSize * 512 / r.ss
+	p, err := planTable(disk, r.loc.sectorSize, diskSectors, r.loc.pno)
+	if err != nil {
+		return fmt.Errorf("%s: %w", r.res.Disk, err)
+	}
+	r.p, r.res.Table = p, p.table
+	if p.start*r.ss != r.loc.partStart*512 {
+		return fmt.Errorf("%w: %s: the kernel has partition %d at byte %d, the %s table at byte %d; reboot or fix the table",
+			ErrCorruptTable, r.res.Disk, r.loc.pno, r.loc.partStart*512, p.table, p.start*r.ss)
 	}
 	return nil
 }
+
+// growTable is step 1: the partition table.
+func (r *runner) growTable(disk Device) error {
+	p := r.p
+	if p.upToDate() {
+		r.say("%s: partition %d already ends at sector %d, nothing to do", p.table, p.pno, p.oldEnd)
+		return nil
+	}
+	r.res.Changed = true
+	for _, f := range p.tableFixes {
+		r.say("%s: %s%s", p.table, r.would, f)
+	}
+	if p.newEnd != p.oldEnd {
+		r.say("%s: %sgrow partition %d from sectors %d-%d (%s) to %d-%d (%s), %s", p.table, r.would, p.pno,
+			p.start, p.oldEnd, human((p.oldEnd-p.start+1)*r.ss), p.start, p.newEnd, human((p.newEnd-p.start+1)*r.ss), p.note)
+	}
+	if r.opts.DryRun {
+		return nil
+	}
+	return p.apply(disk, r.say)
+}
+
+// tableBytes is the partition's size in the (grown) table.
+func (r *runner) tableBytes() uint64 { return (r.p.newEnd - r.p.start + 1) * r.ss }
+
+// growKernel is step 2: the kernel's idea of the partition.
+func (r *runner) growKernel(Device) error {
+	tableBytes, kernelBytes := r.tableBytes(), r.loc.partSize*512
+	if kernelBytes >= tableBytes {
+		r.say("kernel: %s is already %s, nothing to do", r.res.Partition, human(kernelBytes))
+		return nil
+	}
+	r.res.Changed = true
+	r.say("kernel: %sresize %s from %s to %s (BLKPG_RESIZE_PARTITION on %s)", r.would, r.res.Partition, human(kernelBytes), human(tableBytes), r.res.Disk)
+	if r.opts.DryRun {
+		return nil
+	}
+	if err := r.opts.ResizePartition(r.res.Disk, r.loc.pno, int64(r.p.start*r.ss), int64(tableBytes)); err != nil {
+		return fmt.Errorf("resize: BLKPG_RESIZE_PARTITION %s partition %d: %w", r.res.Disk, r.loc.pno, err)
+	}
+	return nil
+}
+
+// growFS is step 3: the file system.
+func (r *runner) growFS(Device) error {
+	bs, blocks := uint64(r.sb.BlockSize()), r.sb.BlocksCount
+	newBlocks := r.tableBytes() / bs
+	if !r.sb.Is64Bit() && newBlocks > ext4MaxBlocks32 {
+		r.say("ext4: without the 64bit feature the file system stops at %d blocks (%s)", uint64(ext4MaxBlocks32), human(ext4MaxBlocks32*bs))
+		newBlocks = ext4MaxBlocks32
+	}
+	if newBlocks <= blocks {
+		r.say("ext4: %s already has %d blocks of %d bytes (%s), nothing to do", r.opts.Mountpoint, blocks, bs, human(r.res.OldBytes))
+		return nil
+	}
+	r.res.Changed = true
+	r.res.NewBytes = newBlocks * bs
+	r.say("ext4: %sgrow %s from %d to %d blocks of %d bytes (%s to %s, EXT4_IOC_RESIZE_FS)", r.would, r.opts.Mountpoint,
+		blocks, newBlocks, bs, human(r.res.OldBytes), human(r.res.NewBytes))
+	if r.opts.DryRun {
+		return nil
+	}
+	if err := r.opts.ResizeFS(r.opts.Mountpoint, newBlocks); err != nil {
+		return fmt.Errorf("resize: EXT4_IOC_RESIZE_FS %s to %d blocks: %w", r.opts.Mountpoint, newBlocks, err)
+	}
+	return verifyBlocks(r.opts, r.res.Partition, newBlocks)
+}
+
+// summary says what the run did.
+func (r *runner) summary() {
+	switch {
+	case r.opts.DryRun:
+		r.say("dry run: nothing written")
+	case r.res.Changed:
+		r.say("done: %s grew from %s to %s in %s", r.opts.Mountpoint, human(r.res.OldBytes), human(r.res.NewBytes), time.Since(r.t0).Round(time.Millisecond))
+	default:
+		r.say("nothing to do: %s already fills %s", r.opts.Mountpoint, r.res.Disk)
+	}
+}
+
+// verifyBlocks checks that the file system on partPath has want blocks.
+func verifyBlocks(opts Options, partPath string, want uint64) error {
+	sb, err := readPartitionSuper(opts, partPath)
+	if err != nil {
+		return fmt.Errorf("resize: after growing: %w", err)
+	}
+	if sb.BlocksCount != want {
+		return fmt.Errorf("resize: after EXT4_IOC_RESIZE_FS, %s has %d blocks, want %d", partPath, sb.BlocksCount, want)
+	}
+	return nil
+}
+
+// human formats a size in bytes for the log.
+func human(n uint64) string { return units.Bytes(int64(n)) }

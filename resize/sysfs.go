@@ -63,15 +63,8 @@ func locate(sysfsRoot string, major, minor uint32) (*location, error) {
 		return nil, fmt.Errorf("resize: %w", err)
 	}
 	name := devName(dir)
-	if _, err := os.Stat(filepath.Join(dir, "dm")); err == nil {
-		dmName, _ := readSysfs(filepath.Join(dir, "dm"), "name")
-		return nil, fmt.Errorf("%w: %s (%s) is a device-mapper device (LVM, LUKS or multipath %q); grow the layers below it yourself", ErrStacked, name, mm, dmName)
-	}
-	if slaves, _ := os.ReadDir(filepath.Join(dir, "slaves")); len(slaves) > 0 {
-		return nil, fmt.Errorf("%w: %s (%s) is stacked on %s (md RAID or similar)", ErrStacked, name, mm, slaves[0].Name())
-	}
-	if _, err := os.Stat(filepath.Join(dir, "partition")); err != nil {
-		return nil, fmt.Errorf("%w: %s (%s) is a whole disk, not a partition", ErrWholeDisk, name, mm)
+	if err := checkPartition(dir, name, mm); err != nil {
+		return nil, err
 	}
 	loc := &location{majMin: mm, partName: name, sysPart: dir}
 	pno, err := readSysfsUint(dir, "partition")
@@ -85,17 +78,58 @@ func locate(sysfsRoot string, major, minor uint32) (*location, error) {
 	if loc.partSize, err = readSysfsUint(dir, "size"); err != nil {
 		return nil, err
 	}
-	disk := filepath.Dir(dir)
-	loc.diskName = devName(disk)
-	if loc.diskSize, err = readSysfsUint(disk, "size"); err != nil {
-		return nil, fmt.Errorf("resize: parent of %s: %w", dir, err)
-	}
-	loc.sectorSize = 512
-	if v, err := readSysfsUint(disk, "queue/logical_block_size"); err == nil {
-		if v != 512 && v != 1024 && v != 2048 && v != 4096 {
-			return nil, fmt.Errorf("%w: logical block size of %s got %d, want 512..4096", ErrUnsupported, loc.diskName, v)
-		}
-		loc.sectorSize = int(v)
+	if err := loc.readDisk(filepath.Dir(dir)); err != nil {
+		return nil, err
 	}
 	return loc, nil
+}
+
+// checkPartition returns nil if the block device at sysfs directory dir is
+// a partition of a disk, else why it is left alone: device-mapper, md or
+// a whole disk.
+func checkPartition(dir, name, mm string) error {
+	if _, err := os.Stat(filepath.Join(dir, "dm")); err == nil {
+		dmName, err := readSysfs(filepath.Join(dir, "dm"), "name")
+		if err != nil {
+			dmName = fmt.Sprintf("(name unreadable: %v)", err)
+		}
+		return fmt.Errorf("%w: %s (%s) is a device-mapper device (LVM, LUKS or multipath %q); grow the layers below it yourself", ErrStacked, name, mm, dmName)
+	} else if !os.IsNotExist(err) {
+		return fmt.Errorf("resize: %w", err)
+	}
+	slaves, err := os.ReadDir(filepath.Join(dir, "slaves"))
+	if err != nil && !os.IsNotExist(err) {
+		return fmt.Errorf("resize: %w", err)
+	}
+	if len(slaves) > 0 {
+		return fmt.Errorf("%w: %s (%s) is stacked on %s (md RAID or similar)", ErrStacked, name, mm, slaves[0].Name())
+	}
+	if _, err := os.Stat(filepath.Join(dir, "partition")); os.IsNotExist(err) {
+		return fmt.Errorf("%w: %s (%s) is a whole disk, not a partition", ErrWholeDisk, name, mm)
+	} else if err != nil {
+		return fmt.Errorf("resize: %w", err)
+	}
+	return nil
+}
+
+// readDisk reads the name, size and sector size of the disk at sysfs
+// directory disk.
+func (loc *location) readDisk(disk string) error {
+	loc.diskName = devName(disk)
+	var err error
+	if loc.diskSize, err = readSysfsUint(disk, "size"); err != nil {
+		return fmt.Errorf("resize: parent of %s: %w", loc.sysPart, err)
+	}
+	loc.sectorSize = 512 // without queue/logical_block_size
+	v, err := readSysfsUint(disk, "queue/logical_block_size")
+	switch {
+	case os.IsNotExist(err):
+	case err != nil:
+		return fmt.Errorf("resize: %w", err)
+	case v != 512 && v != 1024 && v != 2048 && v != 4096:
+		return fmt.Errorf("%w: logical block size of %s got %d, want 512..4096", ErrUnsupported, loc.diskName, v)
+	default:
+		loc.sectorSize = int(v)
+	}
+	return nil
 }

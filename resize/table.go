@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+
+	"github.com/nixvm-image/nixvm-image/internal/zeros"
 )
 
 // Device is an open disk or partition: a block device in the guest, an image
@@ -220,39 +222,13 @@ func readGPT(d io.ReaderAt, ss int, lba uint64) (*gptHeader, []byte, error) {
 
 func planGPT(d io.ReaderAt, ss int, diskSectors uint64, pno int, pmbr []byte) (*plan, error) {
 	last := diskSectors - 1
-	h, ents, perr := readGPT(d, ss, 1)
-	var fixes []string
-	if perr != nil {
-		// The primary is damaged. If a run of ours was cut between writing the
-		// primary entries and the primary header, the backup at the (new) end of
-		// the disk is complete: rebuild the primary from it.
-		bh, bents, berr := readGPT(d, ss, last)
-		if berr != nil {
-			return nil, fmt.Errorf("%w: primary GPT: %v; backup GPT at LBA %d: %v; repair it with sgdisk or gdisk", ErrCorruptTable, perr, last, berr)
-		}
-		h, ents = bh, bents
-		h.entryLBA = 2
-		fixes = append(fixes, fmt.Sprintf("primary GPT is damaged (%v): rebuilding it from the backup at LBA %d", perr, last))
+	h, ents, fixes, primaryOK, err := readGPTOrBackup(d, ss, last)
+	if err != nil {
+		return nil, err
 	}
-	if pno < 1 || pno > int(h.nEntries) {
-		return nil, fmt.Errorf("%w: partition %d is outside the GPT's %d entries", ErrCorruptTable, pno, h.nEntries)
-	}
-	es := int(h.entrySize)
-	used := func(i int) bool { return !bytes.Equal(ents[i*es:i*es+16], make([]byte, 16)) }
-	rng := func(i int) (uint64, uint64) {
-		return binary.LittleEndian.Uint64(ents[i*es+32:]), binary.LittleEndian.Uint64(ents[i*es+40:])
-	}
-	if !used(pno - 1) {
-		return nil, fmt.Errorf("%w: GPT entry %d is empty", ErrCorruptTable, pno)
-	}
-	start, end := rng(pno - 1)
-	for i := 0; i < int(h.nEntries); i++ {
-		if i == pno-1 || !used(i) {
-			continue
-		}
-		if s, e := rng(i); s > start || e > end {
-			return nil, fmt.Errorf("%w: GPT partition %d (sectors %d-%d) follows partition %d", ErrNotLast, i+1, s, e, pno)
-		}
+	start, end, err := gptPartition(h, ents, pno)
+	if err != nil {
+		return nil, err
 	}
 	entrySectors := (uint64(h.nEntries)*uint64(h.entrySize) + uint64(ss) - 1) / uint64(ss)
 	if last < 2*entrySectors+3 || start < 2+entrySectors || end < start {
@@ -260,18 +236,8 @@ func planGPT(d io.ReaderAt, ss int, diskSectors uint64, pno int, pmbr []byte) (*
 			ErrCorruptTable, pno, start, end, diskSectors, entrySectors)
 	}
 	lastUsable := last - entrySectors - 1
-	// Like sfdisk, end the partition on a 1 MiB boundary below the last
-	// usable LBA (the few sectors in between stay free). A partition that
-	// already ends past that boundary (sgdisk ends at the last usable LBA)
-	// is left as it is, so neither tool's fresh image is touched.
-	grain := uint64(alignBytes / ss)
-	newEnd := end
-	if aligned := (lastUsable + 1) / grain * grain; aligned > 0 && aligned-1 > end {
-		newEnd = aligned - 1
-	}
-	note := fmt.Sprintf("to the last 1 MiB boundary before the backup GPT (last usable LBA %d)", lastUsable)
 	entryLBA := h.entryLBA
-	if perr == nil && entryLBA >= h.firstUsable {
+	if primaryOK && entryLBA >= h.firstUsable {
 		// Left so by a run cut between steps 2 and 4 of applyGPT.
 		entryLBA = 2
 		fixes = append(fixes, fmt.Sprintf("primary GPT header points at the entry array at LBA %d: moving it back to LBA 2", h.entryLBA))
@@ -279,26 +245,81 @@ func planGPT(d io.ReaderAt, ss int, diskSectors uint64, pno int, pmbr []byte) (*
 	if entryLBA+entrySectors > h.firstUsable {
 		return nil, fmt.Errorf("%w: primary GPT entries at LBA %d-%d overlap the first usable LBA %d", ErrCorruptTable, entryLBA, entryLBA+entrySectors-1, h.firstUsable)
 	}
-	p := &plan{
-		table: "gpt", pno: pno, start: start, oldEnd: end, newEnd: newEnd, note: note,
-		ss: ss, diskSectors: diskSectors, gptHdr: h.raw, gptEntries: ents, entrySize: es, entryLBA: entryLBA,
-		tableFixes: fixes,
-	}
 	if end > lastUsable {
 		if end >= diskSectors {
 			return nil, fmt.Errorf("%w: GPT partition %d ends at LBA %d, beyond the disk's last LBA %d", ErrCorruptTable, pno, end, last)
 		}
 		return nil, fmt.Errorf("%w: GPT partition %d ends at LBA %d, inside the backup table area (last usable LBA %d)", ErrCorruptTable, pno, end, lastUsable)
 	}
-	if perr == nil && (h.alt != last || h.lastUsab != lastUsable) {
-		p.tableFixes = append(p.tableFixes, fmt.Sprintf("backup GPT at LBA %d moves to the disk's last LBA %d", h.alt, last))
+	if primaryOK && (h.alt != last || h.lastUsab != lastUsable) {
+		fixes = append(fixes, fmt.Sprintf("backup GPT at LBA %d moves to the disk's last LBA %d", h.alt, last))
 	}
 	pmbrSize := uint64(binary.LittleEndian.Uint32(pmbr[446+12:]))
 	if want := min(diskSectors-1, 0xffffffff); pmbr[446+4] == 0xee && pmbrSize != want {
-		p.tableFixes = append(p.tableFixes, fmt.Sprintf("protective MBR covers %d sectors, want %d", pmbrSize, want))
+		fixes = append(fixes, fmt.Sprintf("protective MBR covers %d sectors, want %d", pmbrSize, want))
 	}
-	p.mbr = pmbr
-	return p, nil
+	return &plan{
+		table: "gpt", pno: pno, start: start, oldEnd: end, newEnd: gptEnd(end, lastUsable, ss),
+		note: fmt.Sprintf("to the last 1 MiB boundary before the backup GPT (last usable LBA %d)", lastUsable),
+		ss:   ss, diskSectors: diskSectors, gptHdr: h.raw, gptEntries: ents, entrySize: int(h.entrySize), entryLBA: entryLBA,
+		tableFixes: fixes, mbr: pmbr,
+	}, nil
+}
+
+// readGPTOrBackup reads the primary GPT. If it is damaged and a run of ours
+// was cut between writing the primary entries and the primary header, the
+// backup at the (new) end of the disk is complete: the primary is rebuilt
+// from it, which fixes says.
+func readGPTOrBackup(d io.ReaderAt, ss int, last uint64) (h *gptHeader, ents []byte, fixes []string, primaryOK bool, err error) {
+	h, ents, perr := readGPT(d, ss, 1)
+	if perr == nil {
+		return h, ents, nil, true, nil
+	}
+	h, ents, berr := readGPT(d, ss, last)
+	if berr != nil {
+		return nil, nil, nil, false, fmt.Errorf("%w: primary GPT: %v; backup GPT at LBA %d: %v; repair it with sgdisk or gdisk", ErrCorruptTable, perr, last, berr)
+	}
+	h.entryLBA = 2
+	return h, ents, []string{fmt.Sprintf("primary GPT is damaged (%v): rebuilding it from the backup at LBA %d", perr, last)}, false, nil
+}
+
+// gptPartition returns the first and last sector of partition pno, which
+// must be in use and the last partition on the disk.
+func gptPartition(h *gptHeader, ents []byte, pno int) (start, end uint64, err error) {
+	if pno < 1 || pno > int(h.nEntries) {
+		return 0, 0, fmt.Errorf("%w: partition %d is outside the GPT's %d entries", ErrCorruptTable, pno, h.nEntries)
+	}
+	es := int(h.entrySize)
+	used := func(i int) bool { return !zeros.All(ents[i*es : i*es+16]) } // the type GUID
+	rng := func(i int) (uint64, uint64) {
+		return binary.LittleEndian.Uint64(ents[i*es+32:]), binary.LittleEndian.Uint64(ents[i*es+40:])
+	}
+	if !used(pno - 1) {
+		return 0, 0, fmt.Errorf("%w: GPT entry %d is empty", ErrCorruptTable, pno)
+	}
+	start, end = rng(pno - 1)
+	for i := 0; i < int(h.nEntries); i++ {
+		if i == pno-1 || !used(i) {
+			continue
+		}
+		if s, e := rng(i); s > start || e > end {
+			return 0, 0, fmt.Errorf("%w: GPT partition %d (sectors %d-%d) follows partition %d", ErrNotLast, i+1, s, e, pno)
+		}
+	}
+	return start, end, nil
+}
+
+// gptEnd is where a GPT partition ending at end grows to. Like sfdisk, it
+// ends on a 1 MiB boundary below the last usable LBA (the few sectors in
+// between stay free). A partition that already ends past that boundary
+// (sgdisk ends at the last usable LBA) is left as it is, so neither tool's
+// fresh image is touched.
+func gptEnd(end, lastUsable uint64, ss int) uint64 {
+	grain := uint64(alignBytes / ss)
+	if aligned := (lastUsable + 1) / grain * grain; aligned > 0 && aligned-1 > end {
+		return aligned - 1
+	}
+	return end
 }
 
 // gptHeaderFor returns a header sector for LBA my with the given alternate
@@ -348,67 +369,75 @@ func (p *plan) applyGPT(d Device, say func(string, ...any)) error {
 	lastUsable := backupEntryLBA - 1
 	padded := make([]byte, entrySectors*ss)
 	copy(padded, ents)
+	w := sectorWriter{d, ss}
 
-	write := func(what string, b []byte, lba uint64) error {
-		if _, err := d.WriteAt(b, int64(lba*ss)); err != nil {
-			return fmt.Errorf("resize: write %s at LBA %d: %w", what, lba, err)
-		}
-		return nil
-	}
-	sync := func(after string) error {
-		if err := d.Sync(); err != nil {
-			return fmt.Errorf("resize: sync after %s: %w", after, err)
-		}
-		return nil
-	}
 	// 1.
-	if err := write("backup GPT entries", padded, backupEntryLBA); err != nil {
+	if err := w.write("backup GPT entries", padded, backupEntryLBA); err != nil {
 		return err
 	}
-	if err := write("backup GPT header", p.gptHeaderFor(last, 1, backupEntryLBA, lastUsable, crc), last); err != nil {
-		return err
-	}
-	if err := sync("backup GPT"); err != nil {
+	if err := w.writeSync("backup GPT header", p.gptHeaderFor(last, 1, backupEntryLBA, lastUsable, crc), last); err != nil {
 		return err
 	}
 	say("gpt: wrote backup table at LBA %d-%d", backupEntryLBA, last)
 	// 2.
-	if err := write("primary GPT header (interim)", p.gptHeaderFor(1, last, backupEntryLBA, lastUsable, crc), 1); err != nil {
-		return err
-	}
-	if err := sync("interim primary GPT header"); err != nil {
+	if err := w.writeSync("interim primary GPT header", p.gptHeaderFor(1, last, backupEntryLBA, lastUsable, crc), 1); err != nil {
 		return err
 	}
 	// 3.
-	if err := write("primary GPT entries", padded, p.entryLBA); err != nil {
-		return err
-	}
-	if err := sync("primary GPT entries"); err != nil {
+	if err := w.writeSync("primary GPT entries", padded, p.entryLBA); err != nil {
 		return err
 	}
 	// 4.
-	if err := write("primary GPT header", p.gptHeaderFor(1, last, p.entryLBA, lastUsable, crc), 1); err != nil {
-		return err
-	}
-	if err := sync("primary GPT"); err != nil {
+	if err := w.writeSync("primary GPT header", p.gptHeaderFor(1, last, p.entryLBA, lastUsable, crc), 1); err != nil {
 		return err
 	}
 	say("gpt: wrote primary table (partition %d now LBA %d-%d, last usable LBA %d)", p.pno, p.start, p.newEnd, lastUsable)
-	if p.mbr[446+4] == 0xee {
-		want := uint32(min(p.diskSectors-1, 0xffffffff))
-		if binary.LittleEndian.Uint32(p.mbr[446+12:]) != want {
-			b := bytes.Clone(p.mbr)
-			binary.LittleEndian.PutUint32(b[446+12:], want)
-			c := chs(p.diskSectors - 1)
-			copy(b[446+5:446+8], c[:])
-			if err := write("protective MBR", b, 0); err != nil {
-				return err
-			}
-			if err := sync("protective MBR"); err != nil {
-				return err
-			}
-			say("gpt: protective MBR now covers %d sectors", want)
-		}
+	// 5.
+	return p.fixProtectiveMBR(w, say)
+}
+
+// fixProtectiveMBR makes the protective MBR cover the whole disk (up to
+// 2^32-1 sectors).
+func (p *plan) fixProtectiveMBR(w sectorWriter, say func(string, ...any)) error {
+	if p.mbr[446+4] != 0xee {
+		return nil
+	}
+	want := uint32(min(p.diskSectors-1, 0xffffffff))
+	if binary.LittleEndian.Uint32(p.mbr[446+12:]) == want {
+		return nil
+	}
+	b := bytes.Clone(p.mbr)
+	binary.LittleEndian.PutUint32(b[446+12:], want)
+	c := chs(p.diskSectors - 1)
+	copy(b[446+5:446+8], c[:])
+	if err := w.writeSync("protective MBR", b, 0); err != nil {
+		return err
+	}
+	say("gpt: protective MBR now covers %d sectors", want)
+	return nil
+}
+
+// sectorWriter writes sectors of a disk, syncing when asked.
+type sectorWriter struct {
+	d  Device
+	ss uint64
+}
+
+func (w sectorWriter) write(what string, b []byte, lba uint64) error {
+	if _, err := w.d.WriteAt(b, int64(lba*w.ss)); err != nil {
+		return fmt.Errorf("resize: write %s at LBA %d: %w", what, lba, err)
+	}
+	return nil
+}
+
+// writeSync writes, then syncs the disk: the write is durable when it
+// returns.
+func (w sectorWriter) writeSync(what string, b []byte, lba uint64) error {
+	if err := w.write(what, b, lba); err != nil {
+		return err
+	}
+	if err := w.d.Sync(); err != nil {
+		return fmt.Errorf("resize: sync after writing %s: %w", what, err)
 	}
 	return nil
 }
@@ -421,17 +450,4 @@ func (p *plan) apply(d Device, say func(string, ...any)) error {
 		return p.applyMBR(d, say)
 	}
 	return errors.New("BUG: unknown table " + p.table)
-}
-
-func human(n uint64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := uint64(unit), 0
-	for m := n / unit; m >= unit && exp < 5; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

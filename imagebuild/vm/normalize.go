@@ -1,11 +1,14 @@
 package vm
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
+	"math"
+
+	"github.com/nixvm-image/nixvm-image/ext4/ondisk"
 )
 
 // The guest writes into the root file system through the Linux kernel, which
@@ -17,6 +20,8 @@ import (
 //   - every inode timestamp later than the epoch is clamped to the epoch
 //     (atime, ctime, mtime, dtime, crtime; nanoseconds cleared), and the
 //     inode checksum recomputed;
+//   - every inode generation (random in the kernel) is reset to 0, and the
+//     checksums it seeds (extent tree blocks, directory blocks) recomputed;
 //   - the superblock's mount and write times, mount count and lifetime
 //     kilobytes written are restored to their values before the VM, and its
 //     checksum recomputed;
@@ -24,205 +29,285 @@ import (
 //     bytes before the VM (an empty journal: the transactions it held are
 //     all checkpointed).
 //
-// The layout follows the kernel's Documentation/filesystems/ext4 (on-disk
-// superblock, group descriptors, inode table, extent tree, jbd2 superblock).
+// The on-disk structures and checksums are ext4/ondisk's (the kernel's
+// Documentation/filesystems/ext4); the jbd2 superblock's fields are the
+// kernel's include/linux/jbd2.h.
 
 // ErrExt4 reports a root file system the stage cannot normalise.
 var ErrExt4 = errors.New("vm: normalise the root file system")
-
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-// crc32c is the kernel's raw crc32c_le (no final inversion), which ext4
-// chains: raw(c, p) = ^crc32.Update(^c, p).
-func crc32c(c uint32, p []byte) uint32 { return ^crc32.Update(^c, castagnoli, p) }
 
 type readerWriterAt interface {
 	io.ReaderAt
 	io.WriterAt
 }
 
-type ext4Geometry struct {
-	blockSize      int64
-	inodeSize      int
-	inodesPerGroup uint32
-	groups         uint32
-	descSize       int
-	gdtStart       int64 // byte offset of the group descriptors
-	csum           bool  // metadata_csum
-	csumSeed       uint32
+// jbd2 superblock: s_start, the first block of the log; 0 when the journal
+// is clean.
+const jbd2Start = 0x1C
+
+// ext4FS is the ext4 file system at a byte offset of a disk.
+type ext4FS struct {
+	r    io.ReaderAt // the file system, from its first byte
+	w    io.WriterAt // likewise; nil when only reading
+	sb   *ondisk.Superblock
+	raw  []byte // the superblock's bytes as read
+	bs   int64  // block size
+	seed uint32 // metadata_csum seed
 }
 
-const (
-	sbOffset        = 1024
-	sbSize          = 1024
-	sbMtime         = 0x2C
-	sbWtime         = 0x30
-	sbMntCount      = 0x34
-	sbKbytesWritten = 0x178
-	sbWtimeHi       = 0x274
-	sbMtimeHi       = 0x275
-	sbChecksum      = 0x3FC
-)
-
-func readGeometry(sb []byte) (*ext4Geometry, error) {
-	le := binary.LittleEndian
-	if le.Uint16(sb[0x38:]) != 0xEF53 {
-		return nil, fmt.Errorf("%w: no ext4 superblock: got magic %#x, want 0xef53", ErrExt4, le.Uint16(sb[0x38:]))
+// openExt4 reads the superblock of the file system at byte off of disk.
+// w, if not nil, is the same disk, for writing.
+func openExt4(disk io.ReaderAt, w io.WriterAt, off int64) (*ext4FS, error) {
+	fs := &ext4FS{r: io.NewSectionReader(disk, off, math.MaxInt64-off), raw: make([]byte, ondisk.SuperblockSize)}
+	if w != nil {
+		fs.w = io.NewOffsetWriter(w, off)
 	}
-	g := &ext4Geometry{
-		blockSize:      1024 << le.Uint32(sb[0x18:]),
-		inodeSize:      int(le.Uint16(sb[0x58:])),
-		inodesPerGroup: le.Uint32(sb[0x28:]),
+	if _, err := fs.r.ReadAt(fs.raw, ondisk.SuperblockOffset); err != nil {
+		return nil, fmt.Errorf("%w: read the superblock: %w", ErrExt4, err)
 	}
-	blocks := uint64(le.Uint32(sb[0x4:]))
-	incompat := le.Uint32(sb[0x60:])
-	g.descSize = 32
-	if incompat&0x80 != 0 { // 64bit
-		blocks |= uint64(le.Uint32(sb[0x150:])) << 32
-		g.descSize = int(le.Uint16(sb[0xFE:]))
+	sb, err := ondisk.ParseSuperblock(fs.raw)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrExt4, err)
 	}
-	first := uint64(le.Uint32(sb[0x14:]))
-	perGroup := uint64(le.Uint32(sb[0x20:]))
-	if perGroup == 0 || g.inodesPerGroup == 0 || g.inodeSize < 128 || g.descSize < 32 {
+	if sb.BlocksPerGroup == 0 || sb.InodesPerGroup == 0 || sb.InodeSize < ondisk.GoodOldInodeSize || sb.GroupDescSize() < 32 {
 		return nil, fmt.Errorf("%w: implausible superblock", ErrExt4)
 	}
-	g.groups = uint32((blocks - first + perGroup - 1) / perGroup)
-	g.gdtStart = int64(first+1) * g.blockSize
-	g.csum = le.Uint32(sb[0x64:])&0x400 != 0
-	if incompat&0x2000 != 0 { // csum_seed
-		g.csumSeed = le.Uint32(sb[0x270:])
-	} else {
-		g.csumSeed = crc32c(^uint32(0), sb[0x68:0x78])
+	fs.sb, fs.bs, fs.seed = sb, sb.BlockSize(), sb.CsumSeed()
+	return fs, nil
+}
+
+// group returns the descriptor of group i.
+func (fs *ext4FS) group(i uint32) (ondisk.GroupDesc, error) {
+	d, err := ondisk.ReadGroupDesc(fs.r, fs.sb, i)
+	if err != nil {
+		return d, fmt.Errorf("%w: %w", ErrExt4, err)
 	}
-	return g, nil
+	return d, nil
+}
+
+// readInode returns the bytes of inode ino.
+func (fs *ext4FS) readInode(ino uint32) ([]byte, error) {
+	ipg := fs.sb.InodesPerGroup
+	d, err := fs.group((ino - 1) / ipg)
+	if err != nil {
+		return nil, err
+	}
+	b := make([]byte, fs.sb.InodeSize)
+	at := int64(d.InodeTable)*fs.bs + int64((ino-1)%ipg)*int64(len(b))
+	if _, err := fs.r.ReadAt(b, at); err != nil {
+		return nil, fmt.Errorf("%w: read inode %d: %w", ErrExt4, ino, err)
+	}
+	return b, nil
+}
+
+// extent is a run of a file: its first logical block, and its byte offset
+// and length in the file system.
+type extent struct{ lblk, off, len int64 }
+
+// extents returns the runs that the extent tree of inode ino maps (root:
+// the inode's i_block), calling node, if not nil, for every tree block
+// below the root with its number and bytes (node may change them and write
+// them back).
+func (fs *ext4FS) extents(ino uint32, root []byte, node func(n uint64, b []byte) error) ([]extent, error) {
+	var out []extent
+	w := ondisk.ExtentWalk{
+		Read: func(n uint64) ([]byte, error) {
+			b := make([]byte, fs.bs)
+			if _, err := fs.r.ReadAt(b, int64(n)*fs.bs); err != nil {
+				return nil, fmt.Errorf("%w: read extent block %d: %w", ErrExt4, n, err)
+			}
+			return b, nil
+		},
+		Extent: func(e ondisk.Extent) error {
+			out = append(out, extent{int64(e.Logical), int64(e.Start) * fs.bs, int64(e.Blocks()) * fs.bs})
+			return nil
+		},
+	}
+	if node != nil {
+		w.Node = func(n uint64, _ int, b []byte) error { return node(n, b) }
+	}
+	if err := w.Walk(root); err != nil {
+		if errors.Is(err, ondisk.ErrCorrupt) {
+			return nil, fmt.Errorf("%w: inode %d: %w", ErrExt4, ino, err)
+		}
+		return nil, err
+	}
+	return out, nil
 }
 
 // ext4Snapshot is what the guest must not change for good.
 type ext4Snapshot struct {
 	off     int64 // the partition's offset on the disk
-	sb      []byte
-	journal []extent // byte ranges (relative to off) of the journal
-	jdata   [][]byte
+	sb      *ondisk.Superblock
+	journal []extent // where the journal is
+	jdata   [][]byte // and what it holds
 }
-
-type extent struct{ lblk, off, len int64 }
 
 // snapshotExt4 records the superblock and the journal of the ext4 file
 // system at offset off of disk.
 func snapshotExt4(disk io.ReaderAt, off int64) (*ext4Snapshot, error) {
-	s := &ext4Snapshot{off: off, sb: make([]byte, sbSize)}
-	if _, err := disk.ReadAt(s.sb, off+sbOffset); err != nil {
-		return nil, fmt.Errorf("%w: read the superblock: %v", ErrExt4, err)
-	}
-	g, err := readGeometry(s.sb)
+	fs, err := openExt4(disk, nil, off)
 	if err != nil {
 		return nil, err
 	}
-	jino := binary.LittleEndian.Uint32(s.sb[0xE0:])
+	s := &ext4Snapshot{off: off, sb: fs.sb}
+	jino := fs.sb.JournalInum
 	if jino == 0 {
 		return s, nil
 	}
-	inode, _, err := g.readInode(disk, off, jino)
+	inode, err := fs.readInode(jino)
 	if err != nil {
 		return nil, err
 	}
-	if s.journal, err = g.extents(disk, off, inode[0x28:0x28+60], 0); err != nil {
+	if s.journal, err = fs.extents(jino, iblock(inode), nil); err != nil {
 		return nil, err
 	}
 	for _, e := range s.journal {
 		b := make([]byte, e.len)
-		if _, err := disk.ReadAt(b, off+e.off); err != nil {
-			return nil, fmt.Errorf("%w: read the journal: %v", ErrExt4, err)
+		if _, err := fs.r.ReadAt(b, e.off); err != nil {
+			return nil, fmt.Errorf("%w: read the journal: %w", ErrExt4, err)
 		}
 		s.jdata = append(s.jdata, b)
 	}
 	return s, nil
 }
 
-// inodeLocation returns the byte offset (relative to the partition) of inode
-// ino.
-func (g *ext4Geometry) inodeLocation(disk io.ReaderAt, off int64, ino uint32) (int64, error) {
-	group := (ino - 1) / g.inodesPerGroup
-	table, _, err := g.group(disk, off, group)
+func iblock(inode []byte) []byte {
+	return inode[ondisk.InodeBlock : ondisk.InodeBlock+ondisk.InodeBlockSize]
+}
+
+// normalizeStats counts what restore changed.
+type normalizeStats struct {
+	Inodes       int  // inodes whose timestamps were clamped
+	Generations  int  // inodes whose generation was reset
+	Journal      bool // the journal was restored
+	SuperChanged bool
+}
+
+// restore clamps inode timestamps to epoch, resets inode generations and
+// restores the superblock fields and the journal recorded by the snapshot.
+func (s *ext4Snapshot) restore(disk readerWriterAt, epoch int64) (*normalizeStats, error) {
+	fs, err := openExt4(disk, disk, s.off)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	return table*g.blockSize + int64((ino-1)%g.inodesPerGroup)*int64(g.inodeSize), nil
+	if state := fs.sb.State; state&1 == 0 {
+		return nil, fmt.Errorf("%w: the guest did not unmount it cleanly (s_state %#x)", ErrExt4, state)
+	}
+	st := &normalizeStats{}
+	if err := fs.normalizeInodes(epoch, st); err != nil {
+		return nil, err
+	}
+	if err := s.restoreJournal(fs, st); err != nil {
+		return nil, err
+	}
+	if err := s.restoreSuper(fs, st); err != nil {
+		return nil, err
+	}
+	return st, nil
 }
 
-func (g *ext4Geometry) readInode(disk io.ReaderAt, off int64, ino uint32) ([]byte, int64, error) {
-	loc, err := g.inodeLocation(disk, off, ino)
-	if err != nil {
-		return nil, 0, err
-	}
-	b := make([]byte, g.inodeSize)
-	if _, err := disk.ReadAt(b, off+loc); err != nil {
-		return nil, 0, fmt.Errorf("%w: read inode %d: %v", ErrExt4, ino, err)
-	}
-	return b, loc, nil
-}
-
-// group returns the inode table's block and the flags of group i.
-func (g *ext4Geometry) group(disk io.ReaderAt, off int64, i uint32) (table int64, flags uint16, err error) {
-	d := make([]byte, g.descSize)
-	if _, err := disk.ReadAt(d, off+g.gdtStart+int64(i)*int64(g.descSize)); err != nil {
-		return 0, 0, fmt.Errorf("%w: read group descriptor %d: %v", ErrExt4, i, err)
-	}
-	le := binary.LittleEndian
-	table = int64(le.Uint32(d[0x8:]))
-	if g.descSize >= 64 {
-		table |= int64(le.Uint32(d[0x28:])) << 32
-	}
-	return table, le.Uint16(d[0x12:]), nil
-}
-
-// extents returns the byte ranges an extent tree (root: 60 bytes of i_block)
-// maps.
-func (g *ext4Geometry) extents(disk io.ReaderAt, off int64, node []byte, level int) ([]extent, error) {
-	return g.walkExtents(disk, off, node, level, nil)
-}
-
-// walkExtents is extents, calling block for every tree block below the root
-// (its number and contents; block may change them and write them back).
-func (g *ext4Geometry) walkExtents(disk io.ReaderAt, off int64, node []byte, level int, block func(n int64, b []byte) error) ([]extent, error) {
-	le := binary.LittleEndian
-	if le.Uint16(node) != 0xF30A || level > 5 {
-		return nil, fmt.Errorf("%w: the journal inode has no extent tree", ErrExt4)
-	}
-	n := int(le.Uint16(node[2:]))
-	depth := le.Uint16(node[6:])
-	var out []extent
-	for i := range n {
-		e := node[12+12*i:]
-		if len(e) < 12 {
-			return nil, fmt.Errorf("%w: extent node overflows", ErrExt4)
+// normalizeInodes normalises the inodes of every group whose inode table is
+// initialised.
+func (fs *ext4FS) normalizeInodes(epoch int64, st *normalizeStats) error {
+	table := make([]byte, int64(fs.sb.InodesPerGroup)*int64(fs.sb.InodeSize))
+	for grp := range uint32(fs.sb.Groups()) {
+		d, err := fs.group(grp)
+		if err != nil {
+			return err
 		}
-		if depth == 0 {
-			l := int64(le.Uint16(e[4:]))
-			if l > 32768 {
-				l -= 32768 // unwritten
-			}
-			start := int64(le.Uint16(e[6:]))<<32 | int64(le.Uint32(e[8:]))
-			out = append(out, extent{int64(le.Uint32(e)), start * g.blockSize, l * g.blockSize})
+		if d.Flags&ondisk.BGInodeUninit != 0 {
 			continue
 		}
-		child := int64(le.Uint32(e[4:])) | int64(le.Uint16(e[8:]))<<32
-		b := make([]byte, g.blockSize)
-		if _, err := disk.ReadAt(b, off+child*g.blockSize); err != nil {
-			return nil, fmt.Errorf("%w: read extent block: %v", ErrExt4, err)
+		at := int64(d.InodeTable) * fs.bs
+		if _, err := fs.r.ReadAt(table, at); err != nil {
+			return fmt.Errorf("%w: read the inode table of group %d: %w", ErrExt4, grp, err)
 		}
-		sub, err := g.walkExtents(disk, off, b, level+1, block)
-		if err != nil {
-			return nil, err
+		dirty := false
+		size := int(fs.sb.InodeSize)
+		for i := range fs.sb.InodesPerGroup {
+			changed, err := fs.normalizeInode(table[int(i)*size:int(i+1)*size], grp*fs.sb.InodesPerGroup+i+1, epoch, st)
+			if err != nil {
+				return err
+			}
+			dirty = dirty || changed
 		}
-		if block != nil {
-			if err := block(child, b); err != nil {
-				return nil, err
+		if dirty {
+			if _, err := fs.w.WriteAt(table, at); err != nil {
+				return fmt.Errorf("%w: write the inode table of group %d: %w", ErrExt4, grp, err)
 			}
 		}
-		out = append(out, sub...)
 	}
-	return out, nil
+	return nil
+}
+
+// normalizeInode clamps the times of inode ino (its bytes in) and resets
+// its generation, and reports whether it changed it.
+func (fs *ext4FS) normalizeInode(in []byte, ino uint32, epoch int64, st *normalizeStats) (bool, error) {
+	le := binary.LittleEndian
+	changed := clampInode(in, epoch)
+	if changed {
+		st.Inodes++
+	}
+	if le.Uint32(in[ondisk.InodeGeneration:]) != 0 {
+		// The kernel gives new inodes a random generation, which seeds
+		// the checksums of the inode's metadata blocks.
+		le.PutUint32(in[ondisk.InodeGeneration:], 0)
+		if fs.sb.MetadataCsum() {
+			if err := fs.fixBlockChecksums(in, ino); err != nil {
+				return false, err
+			}
+		}
+		st.Generations++
+		changed = true
+	}
+	if changed && fs.sb.MetadataCsum() {
+		ondisk.SetInodeChecksum(in, fs.seed, ino)
+	}
+	return changed, nil
+}
+
+// restoreJournal writes back the journal's bytes from before the VM.
+// After the guest's clean unmount the journal is empty (s_start == 0), so
+// its old bytes are as good as any.
+func (s *ext4Snapshot) restoreJournal(fs *ext4FS, st *normalizeStats) error {
+	if len(s.journal) == 0 {
+		return nil
+	}
+	jsb := make([]byte, 1024)
+	if _, err := fs.r.ReadAt(jsb, s.journal[0].off); err != nil {
+		return fmt.Errorf("%w: read the journal superblock: %w", ErrExt4, err)
+	}
+	if binary.BigEndian.Uint32(jsb) != ondisk.JournalMagic {
+		return fmt.Errorf("%w: no jbd2 superblock at the journal's start", ErrExt4)
+	}
+	if binary.BigEndian.Uint32(jsb[jbd2Start:]) != 0 {
+		return fmt.Errorf("%w: the journal needs recovery: the guest did not unmount cleanly", ErrExt4)
+	}
+	for i, e := range s.journal {
+		if _, err := fs.w.WriteAt(s.jdata[i], e.off); err != nil {
+			return fmt.Errorf("%w: restore the journal: %w", ErrExt4, err)
+		}
+	}
+	st.Journal = true
+	return nil
+}
+
+// restoreSuper puts back the superblock's mount and write times, mount
+// count and kilobytes written from before the VM.
+func (s *ext4Snapshot) restoreSuper(fs *ext4FS, st *normalizeStats) error {
+	sb, old := fs.sb, s.sb
+	sb.Mtime, sb.MtimeHi, sb.Wtime, sb.WtimeHi = old.Mtime, old.MtimeHi, old.Wtime, old.WtimeHi
+	sb.MntCount, sb.KbytesWritten = old.MntCount, old.KbytesWritten
+	b := sb.Marshal()
+	if bytes.Equal(b, fs.raw) {
+		return nil
+	}
+	st.SuperChanged = true
+	if _, err := fs.w.WriteAt(b, ondisk.SuperblockOffset); err != nil {
+		return fmt.Errorf("%w: write the superblock: %w", ErrExt4, err)
+	}
+	return nil
 }
 
 // Timestamp fields of an inode: the 32-bit seconds and, when present in the
@@ -235,130 +320,18 @@ var inodeTimes = []struct{ sec, extra int }{
 	{0x90, 0x94}, // crtime (extra space)
 }
 
-// normalizeStats counts what restore changed.
-type normalizeStats struct {
-	Inodes       int  // inodes whose timestamps were clamped
-	Generations  int  // inodes whose generation was reset
-	Journal      bool // the journal was restored
-	SuperChanged bool
-}
-
-// restore clamps inode timestamps to epoch and restores the superblock
-// fields and the journal recorded by the snapshot.
-func (s *ext4Snapshot) restore(disk readerWriterAt, epoch int64) (*normalizeStats, error) {
-	st := &normalizeStats{}
-	off := s.off
-	sb := make([]byte, sbSize)
-	if _, err := disk.ReadAt(sb, off+sbOffset); err != nil {
-		return nil, fmt.Errorf("%w: read the superblock: %v", ErrExt4, err)
-	}
-	g, err := readGeometry(sb)
-	if err != nil {
-		return nil, err
-	}
-	le := binary.LittleEndian
-	if st := le.Uint16(sb[0x3A:]); st&1 == 0 {
-		return nil, fmt.Errorf("%w: the guest did not unmount it cleanly (s_state %#x)", ErrExt4, st)
-	}
-
-	// Inode tables.
-	table := make([]byte, int64(g.inodesPerGroup)*int64(g.inodeSize))
-	for grp := range g.groups {
-		tb, flags, err := g.group(disk, off, grp)
-		if err != nil {
-			return nil, err
-		}
-		if flags&1 != 0 { // INODE_UNINIT
-			continue
-		}
-		if _, err := disk.ReadAt(table, off+tb*g.blockSize); err != nil {
-			return nil, fmt.Errorf("%w: read the inode table of group %d: %v", ErrExt4, grp, err)
-		}
-		dirty := false
-		for i := range g.inodesPerGroup {
-			in := table[int(i)*g.inodeSize : int(i+1)*g.inodeSize]
-			ino := grp*g.inodesPerGroup + i + 1
-			changed := clampInode(in, epoch)
-			if changed {
-				st.Inodes++
-			}
-			if le.Uint32(in[0x64:]) != 0 {
-				// The kernel gives new inodes a random generation, which
-				// seeds the checksums of the inode's metadata blocks.
-				le.PutUint32(in[0x64:], 0)
-				if g.csum {
-					if err := g.fixBlockChecksums(disk, off, in, ino); err != nil {
-						return nil, err
-					}
-				}
-				st.Generations++
-				changed = true
-			}
-			if changed {
-				if g.csum {
-					setInodeChecksum(in, g.csumSeed, ino)
-				}
-				dirty = true
-			}
-		}
-		if dirty {
-			if _, err := disk.WriteAt(table, off+tb*g.blockSize); err != nil {
-				return nil, fmt.Errorf("%w: write the inode table of group %d: %v", ErrExt4, grp, err)
-			}
-		}
-	}
-
-	// Journal: clean (s_start == 0) after the unmount, so its old bytes are
-	// as good as any.
-	if len(s.journal) > 0 {
-		jsb := make([]byte, 1024)
-		if _, err := disk.ReadAt(jsb, off+s.journal[0].off); err != nil {
-			return nil, fmt.Errorf("%w: read the journal superblock: %v", ErrExt4, err)
-		}
-		if binary.BigEndian.Uint32(jsb) != 0xC03B3998 {
-			return nil, fmt.Errorf("%w: no jbd2 superblock at the journal's start", ErrExt4)
-		}
-		if binary.BigEndian.Uint32(jsb[0x1C:]) != 0 {
-			return nil, fmt.Errorf("%w: the journal needs recovery: the guest did not unmount cleanly", ErrExt4)
-		}
-		for i, e := range s.journal {
-			if _, err := disk.WriteAt(s.jdata[i], off+e.off); err != nil {
-				return nil, fmt.Errorf("%w: restore the journal: %v", ErrExt4, err)
-			}
-		}
-		st.Journal = true
-	}
-
-	// Superblock.
-	old := append([]byte(nil), sb...)
-	for _, f := range []struct{ at, n int }{
-		{sbMtime, 4}, {sbWtime, 4}, {sbMntCount, 2}, {sbKbytesWritten, 8}, {sbWtimeHi, 1}, {sbMtimeHi, 1},
-	} {
-		copy(sb[f.at:f.at+f.n], s.sb[f.at:f.at+f.n])
-	}
-	if g.csum {
-		le.PutUint32(sb[sbChecksum:], crc32c(^uint32(0), sb[:sbChecksum]))
-	}
-	if string(old) != string(sb) {
-		st.SuperChanged = true
-		if _, err := disk.WriteAt(sb, off+sbOffset); err != nil {
-			return nil, fmt.Errorf("%w: write the superblock: %v", ErrExt4, err)
-		}
-	}
-	return st, nil
-}
-
 // clampInode clamps the inode's timestamps to epoch and reports whether it
 // changed anything.
 func clampInode(in []byte, epoch int64) bool {
 	le := binary.LittleEndian
-	extraEnd := 128
-	if len(in) > 128 {
-		extraEnd = 128 + int(le.Uint16(in[0x80:]))
+	const old = ondisk.GoodOldInodeSize
+	extraEnd := old
+	if len(in) > old {
+		extraEnd = old + int(le.Uint16(in[ondisk.InodeExtraIsize:]))
 	}
 	changed := false
 	for _, f := range inodeTimes {
-		if f.sec+4 > 128 && f.sec+4 > extraEnd {
+		if f.sec+4 > old && f.sec+4 > extraEnd {
 			continue
 		}
 		sec := int64(int32(le.Uint32(in[f.sec:])))
@@ -379,115 +352,65 @@ func clampInode(in []byte, epoch int64) bool {
 	return changed
 }
 
-// inodeChecksum computes the metadata_csum of an inode: crc32c over the
-// seed, the inode number, the generation and the inode with its checksum
-// fields zeroed.
-func inodeChecksum(in []byte, seed, ino uint32) uint32 {
-	le := binary.LittleEndian
-	var b4 [4]byte
-	le.PutUint32(b4[:], ino)
-	c := crc32c(seed, b4[:])
-	c = crc32c(c, in[0x64:0x68]) // i_generation
-	tmp := append([]byte(nil), in...)
-	tmp[0x7C], tmp[0x7D] = 0, 0
-	if len(in) > 128 && 128+int(le.Uint16(in[0x80:])) >= 0x84 {
-		tmp[0x82], tmp[0x83] = 0, 0
-	}
-	return crc32c(c, tmp)
-}
-
-func setInodeChecksum(in []byte, seed, ino uint32) {
-	le := binary.LittleEndian
-	c := inodeChecksum(in, seed, ino)
-	le.PutUint16(in[0x7C:], uint16(c))
-	if len(in) > 128 && 128+int(le.Uint16(in[0x80:])) >= 0x84 {
-		le.PutUint16(in[0x82:], uint16(c>>16))
-	}
-}
-
-// inodeSeed is the checksum seed of an inode's metadata blocks.
-func (g *ext4Geometry) inodeSeed(in []byte, ino uint32) uint32 {
-	var b4 [4]byte
-	binary.LittleEndian.PutUint32(b4[:], ino)
-	return crc32c(crc32c(g.csumSeed, b4[:]), in[0x64:0x68])
-}
-
 // fixBlockChecksums recomputes the checksums of the inode's extent tree
 // blocks and, for a directory, of its leaf blocks (dirent tail) and htree
 // nodes (dx tail), which the inode's generation seeds.
-func (g *ext4Geometry) fixBlockChecksums(disk readerWriterAt, off int64, in []byte, ino uint32) error {
+func (fs *ext4FS) fixBlockChecksums(in []byte, ino uint32) error {
 	le := binary.LittleEndian
-	flags := le.Uint32(in[0x20:])
-	if flags&0x80000 == 0 { // not extents: inline data or block maps, untouched here
-		if le.Uint16(in[0x1A:]) != 0 && flags&0x10000000 == 0 && le.Uint32(in[0x28:]) != 0 {
+	flags := le.Uint32(in[ondisk.InodeFlags:])
+	if flags&ondisk.InodeFlagExtents == 0 { // inline data or block maps, untouched here
+		if le.Uint16(in[0x1A:]) != 0 && flags&ondisk.InodeFlagInlineData == 0 && le.Uint32(in[ondisk.InodeBlock:]) != 0 {
 			return fmt.Errorf("%w: inode %d uses block maps", ErrExt4, ino)
 		}
 		return nil
 	}
-	seed := g.inodeSeed(in, ino)
-	exts, err := g.walkExtents(disk, off, in[0x28:0x28+60], 0, func(n int64, b []byte) error {
-		max := int(le.Uint16(b[4:]))
-		tail := 12 + 12*max
-		if tail+4 > len(b) {
-			return fmt.Errorf("%w: inode %d: extent block %d overflows", ErrExt4, ino, n)
+	seed := ondisk.InodeSeed(fs.seed, ino, le.Uint32(in[ondisk.InodeGeneration:]))
+	exts, err := fs.extents(ino, iblock(in), func(n uint64, b []byte) error {
+		if err := ondisk.SetExtentChecksum(b, seed); err != nil {
+			return fmt.Errorf("%w: inode %d: extent block %d: %w", ErrExt4, ino, n, err)
 		}
-		le.PutUint32(b[tail:], crc32c(seed, b[:tail]))
-		_, err := disk.WriteAt(b, off+n*g.blockSize)
-		return err
+		if _, err := fs.w.WriteAt(b, int64(n)*fs.bs); err != nil {
+			return fmt.Errorf("%w: write extent block %d: %w", ErrExt4, n, err)
+		}
+		return nil
 	})
 	if err != nil {
 		return err
 	}
-	if le.Uint16(in[0:])&0xF000 != 0x4000 {
+	if le.Uint16(in[ondisk.InodeMode:])&ondisk.ModeTypeMask != ondisk.ModeDir {
 		return nil
 	}
-	indexed := flags&0x1000 != 0
-	b := make([]byte, g.blockSize)
-	bs := int(g.blockSize)
+	b := make([]byte, fs.bs)
 	for _, e := range exts {
-		for k := int64(0); k < e.len/g.blockSize; k++ {
-			at := off + e.off + k*g.blockSize
-			if _, err := disk.ReadAt(b, at); err != nil {
-				return fmt.Errorf("%w: read directory block: %v", ErrExt4, err)
+		for k := int64(0); k < e.len/fs.bs; k++ {
+			at := e.off + k*fs.bs
+			if _, err := fs.r.ReadAt(b, at); err != nil {
+				return fmt.Errorf("%w: read directory block: %w", ErrExt4, err)
 			}
-			lblk := e.lblk + k
-			switch {
-			case indexed && lblk == 0:
-				if err := dxChecksum(b, seed, 24+int(b[24+5])); err != nil {
-					return fmt.Errorf("%w: inode %d: %v", ErrExt4, ino, err)
-				}
-			case indexed && le.Uint32(b) == 0 && int(le.Uint16(b[4:])) == bs:
-				if err := dxChecksum(b, seed, 8); err != nil {
-					return fmt.Errorf("%w: inode %d: %v", ErrExt4, ino, err)
-				}
-			default:
-				t := b[bs-12:]
-				if le.Uint32(t) != 0 || le.Uint16(t[4:]) != 12 || t[6] != 0 || t[7] != 0xDE {
-					return fmt.Errorf("%w: inode %d: directory block %d has no checksum tail", ErrExt4, ino, lblk)
-				}
-				le.PutUint32(t[8:], crc32c(seed, b[:bs-12]))
+			if err := fixDirBlock(b, e.lblk+k, flags&ondisk.InodeFlagIndex != 0, seed); err != nil {
+				return fmt.Errorf("%w: inode %d: %w", ErrExt4, ino, err)
 			}
-			if _, err := disk.WriteAt(b, at); err != nil {
-				return fmt.Errorf("%w: write directory block: %v", ErrExt4, err)
+			if _, err := fs.w.WriteAt(b, at); err != nil {
+				return fmt.Errorf("%w: write directory block: %w", ErrExt4, err)
 			}
 		}
 	}
 	return nil
 }
 
-// dxChecksum sets the checksum of an htree node whose count/limit header
-// is at countOffset.
-func dxChecksum(b []byte, seed uint32, countOffset int) error {
+// fixDirBlock recomputes the checksum of directory block b (logical block
+// lblk of a directory, hash-indexed or not): an htree root, an htree
+// interior node (a fake entry of inode 0 spanning the block) or a leaf.
+func fixDirBlock(b []byte, lblk int64, indexed bool, seed uint32) error {
 	le := binary.LittleEndian
-	limit := int(le.Uint16(b[countOffset:]))
-	count := int(le.Uint16(b[countOffset+2:]))
-	tail := countOffset + limit*8
-	if count > limit || tail+8 > len(b) {
-		return fmt.Errorf("htree node count %d, limit %d do not fit the block", count, limit)
+	switch {
+	case indexed && lblk == 0:
+		return ondisk.SetDxChecksum(b, ondisk.DxRootCountOffset(b), seed)
+	case indexed && le.Uint32(b) == 0 && int(le.Uint16(b[4:])) == len(b):
+		return ondisk.SetDxChecksum(b, 8, seed)
+	case !ondisk.HasDirTail(b):
+		return fmt.Errorf("directory block %d has no checksum tail", lblk)
 	}
-	c := crc32c(seed, b[:countOffset+count*8])
-	c = crc32c(c, b[tail:tail+4])
-	c = crc32c(c, []byte{0, 0, 0, 0})
-	le.PutUint32(b[tail+4:], c)
+	ondisk.PutDirTail(b, seed)
 	return nil
 }
