@@ -11,6 +11,7 @@ import (
 	"github.com/nixvm-image/nixvm-image/ext4"
 	"github.com/nixvm-image/nixvm-image/manifest"
 	"github.com/nixvm-image/nixvm-image/partition"
+	"github.com/nixvm-image/nixvm-image/qcow"
 )
 
 // layoutFromImage reads a layout map from an image (qcow2 or raw) that has
@@ -19,6 +20,7 @@ import (
 // file system itself. The identifiers outside the file system (partition
 // IDs) cannot be recovered: they derive from this build's toplevel.
 func (b *builder) layoutFromImage(f *os.File) (*manifest.Layout, error) {
+	qcow.RegisterReaderCodecs()
 	img, err := qcow2reader.Open(f)
 	if err != nil {
 		return nil, err

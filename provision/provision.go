@@ -11,6 +11,8 @@ import (
 
 	"github.com/lima-vm/go-qcow2reader"
 	"github.com/lima-vm/go-qcow2reader/image"
+
+	"github.com/nixvm-image/nixvm-image/qcow"
 )
 
 var (
@@ -168,6 +170,7 @@ func openImage(path string) (*os.File, image.Image, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	qcow.RegisterReaderCodecs()
 	img, err := qcow2reader.Open(f)
 	if err != nil {
 		f.Close()

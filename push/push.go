@@ -40,19 +40,9 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/lima-vm/go-qcow2reader"
 	"github.com/lima-vm/go-qcow2reader/image"
-	"github.com/lima-vm/go-qcow2reader/image/qcow2"
 	"github.com/nixvm-image/nixvm-image/manifest"
+	"github.com/nixvm-image/nixvm-image/qcow"
 )
-
-func init() {
-	qcow2.SetDecompressor(qcow2.CompressionTypeZstd, func(r io.Reader) (io.ReadCloser, error) {
-		d, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1))
-		if err != nil {
-			return nil, err
-		}
-		return d.IOReadCloser(), nil
-	})
-}
 
 // Source is an image to push: its guest-visible content and block hashes.
 type Source struct {
@@ -83,6 +73,7 @@ func OpenSource(path string, progress func(int64)) (*Source, error) {
 	if err != nil {
 		return nil, err
 	}
+	qcow.RegisterReaderCodecs()
 	img, err := qcow2reader.Open(f)
 	if err != nil {
 		f.Close()

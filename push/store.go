@@ -485,6 +485,7 @@ func openGen(path string) (*genReader, error) {
 	if err != nil {
 		return nil, err
 	}
+	qcow.RegisterReaderCodecs()
 	img, err := qcow2reader.Open(f)
 	if err != nil {
 		f.Close()

@@ -16,28 +16,16 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/klauspost/compress/zstd"
 	"github.com/lima-vm/go-qcow2reader"
 	"github.com/lima-vm/go-qcow2reader/image"
-	"github.com/lima-vm/go-qcow2reader/image/qcow2"
 
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
-var registerZstd sync.Once
-
 // openQcow2 opens a qcow2 image with go-qcow2reader, with zstd registered.
 func openQcow2(t testing.TB, ra io.ReaderAt) image.Image {
 	t.Helper()
-	registerZstd.Do(func() {
-		qcow2.SetDecompressor(qcow2.CompressionTypeZstd, func(r io.Reader) (io.ReadCloser, error) {
-			d, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1))
-			if err != nil {
-				return nil, err
-			}
-			return d.IOReadCloser(), nil
-		})
-	})
+	RegisterReaderCodecs()
 	img, err := qcow2reader.Open(ra)
 	if err != nil {
 		t.Fatalf("go-qcow2reader: %v", err)
