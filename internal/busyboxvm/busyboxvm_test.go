@@ -1,4 +1,4 @@
-package vmtest
+package busyboxvm
 
 import (
 	"bytes"
@@ -14,6 +14,17 @@ import (
 	"github.com/nixvm-image/nixvm-image/cpio"
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
+
+// kernel is the host's kernel and its release; the test skips (fails in
+// CI) without one.
+func kernel(t *testing.T) (string, string) {
+	t.Helper()
+	path, rel, err := FindKernel("")
+	if err != nil {
+		testutil.Skip(t, "%v", err)
+	}
+	return path, rel
+}
 
 func TestCmdline(t *testing.T) {
 	base := []string{"-machine", "accel=tcg", "-m", "512", "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
@@ -51,7 +62,7 @@ func TestMarkers(t *testing.T) {
 }
 
 func TestModules(t *testing.T) {
-	_, rel := Kernel(t)
+	_, rel := kernel(t)
 	mods, err := Modules(filepath.Join("/lib/modules", rel), "ext4", "virtio-blk", "virtio_pci")
 	if err != nil {
 		t.Fatal(err)
@@ -112,7 +123,7 @@ func TestInitramfsDeterministic(t *testing.T) {
 func TestBoot(t *testing.T) {
 	testutil.Short(t)
 	testutil.NeedTool(t, "qemu-system-x86_64", "busybox")
-	kernel, rel := Kernel(t)
+	kernel, rel := kernel(t)
 	mods, err := Modules(filepath.Join("/lib/modules", rel), "virtio_pci", "virtio_blk", "nvme")
 	if err != nil {
 		t.Fatal(err)
