@@ -105,7 +105,7 @@ func TestBuildWorkers(t *testing.T) {
 		o := s.opts(t, filepath.Join(dir, "img"+string(rune('0'+w))))
 		o.Workers = w
 		mustBuild(t, o)
-		sums = append(sums, fileSHA256(t, o.Output), fileSHA256(t, ManifestPath(o.Output)))
+		sums = append(sums, testutil.SHA256File(t, o.Output), testutil.SHA256File(t, ManifestPath(o.Output)))
 	}
 	if sums[0] != sums[2] || sums[1] != sums[3] {
 		t.Errorf("1 and 3 workers give different outputs: %v", sums)
@@ -161,7 +161,7 @@ func TestBuildFailures(t *testing.T) {
 			i.Path = s.dir + "/" + storeHash("gone", "gone") + "-gone"
 			c.Sort()
 			o.Closure = &c
-		}, nil, []string{"-gone", "nix-store --realise"}},
+		}, ErrMissing, []string{"-gone", "nix-store --realise"}},
 		{"hash mismatch", func(t *testing.T, o *Options) {
 			c := s.withHashes(t)
 			c.Paths[1].NarHash = c.Paths[0].NarHash

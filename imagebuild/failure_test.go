@@ -241,7 +241,7 @@ func TestBuildPreviousImageOnly(t *testing.T) {
 	if !strings.Contains(log.String(), "read from the file system of "+alone) {
 		t.Errorf("log does not say the layout came from the image:\n%s", log.String())
 	}
-	if fileSHA256(t, withManifest) != fileSHA256(t, fromImage) {
+	if testutil.SHA256File(t, withManifest) != testutil.SHA256File(t, fromImage) {
 		t.Errorf("the rebuild with the previous layout read from the image differs from the one read from its manifest")
 	}
 }
@@ -283,7 +283,7 @@ func TestBuildPreviousNotUsable(t *testing.T) {
 	if !strings.Contains(log.String(), "previous layout not used") {
 		t.Errorf("log does not say why the previous layout was not used:\n%s", log.String())
 	}
-	if a, b := fileSHA256(t, fresh), fileSHA256(t, kept); a != b {
+	if a, b := testutil.SHA256File(t, fresh), testutil.SHA256File(t, kept); a != b {
 		t.Errorf("build with an unusable previous layout differs from a fresh build")
 	}
 }

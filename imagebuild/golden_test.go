@@ -53,12 +53,12 @@ func TestGolden(t *testing.T) {
 	mustBuild(t, o)
 
 	for _, g := range []struct{ name, got, want string }{
-		{"qcow2 sha256", fileSHA256(t, img), "f85b6d57607ec884a6f5a413a85f285c21d62b0a04a97ff4e9a87bd4481f2271"},
-		{"qcow2 manifest sha256", fileSHA256(t, ManifestPath(img)), "9197b4af63aaeb1939d4b4d7cf0319ba56c76f28a23b572442ebfd6c8238c4f4"},
+		{"qcow2 sha256", testutil.SHA256File(t, img), "f85b6d57607ec884a6f5a413a85f285c21d62b0a04a97ff4e9a87bd4481f2271"},
+		{"qcow2 manifest sha256", testutil.SHA256File(t, ManifestPath(img)), "9197b4af63aaeb1939d4b4d7cf0319ba56c76f28a23b572442ebfd6c8238c4f4"},
 		{"raw disk digest", hex.EncodeToString(resRaw.Digest[:]), "11d88a1bf9715b3788dfed71a7a4fd04049dae3e53a57eb81e6b28f0ca01284c"},
-		{"raw manifest sha256", fileSHA256(t, ManifestPath(raw)), "44b09c980ac3bbfed90919f0481dbddbf021f5e885eb1cec9bbd1476954a20c1"},
-		{"rebuild sha256", fileSHA256(t, img2), "0f39f63c75303c2a75ea02b04f33160997150f5e3c0cd4bc48113b7dec5b73b6"},
-		{"rebuild manifest sha256", fileSHA256(t, ManifestPath(img2)), "cda4a4107c7ac2cf104c72d5407a942e049725da43984aedffc974249fd8b1a7"},
+		{"raw manifest sha256", testutil.SHA256File(t, ManifestPath(raw)), "44b09c980ac3bbfed90919f0481dbddbf021f5e885eb1cec9bbd1476954a20c1"},
+		{"rebuild sha256", testutil.SHA256File(t, img2), "0f39f63c75303c2a75ea02b04f33160997150f5e3c0cd4bc48113b7dec5b73b6"},
+		{"rebuild manifest sha256", testutil.SHA256File(t, ManifestPath(img2)), "cda4a4107c7ac2cf104c72d5407a942e049725da43984aedffc974249fd8b1a7"},
 	} {
 		if g.got != g.want {
 			t.Errorf("%s: got %s, want %s", g.name, g.got, g.want)

@@ -113,9 +113,9 @@ func runProvision(ctx context.Context, o *provisionOptions, c Context, args []st
 	}
 	req := provision.Request{Guest: o.Guest, Force: o.Force, Target: o.Target, Pool: o.Pool, Volume: o.Volume}
 	if o.Size != "" {
-		size, err := parseSize(o.Size)
+		size, err := units.ParseSize(o.Size)
 		if err != nil {
-			return usagef("--size %q: %v", o.Size, err)
+			return usagef("--size: %v", err)
 		}
 		req.Size = size
 	}
