@@ -16,7 +16,7 @@ GO ?= go
 GO_TEST_FLAGS ?=
 NIX_FLAGS = --option substituters '' --option sandbox false --option auto-optimise-store true
 
-.PHONY: all build deps test vet bench demo clean
+.PHONY: all build deps test test-only vet bench demo clean clean-fixtures
 
 all: build
 
@@ -29,7 +29,10 @@ deps:
 vet:
 	$(GO) vet ./...
 
-test: deps vet
+test: deps test-only
+
+# test-only: the suite without the install step (.ci/run installs first).
+test-only: vet
 	$(GO) test -count=1 -timeout 25m $(GO_TEST_FLAGS) ./...
 
 bench: deps build
@@ -46,3 +49,8 @@ demo: deps build
 
 clean:
 	rm -rf bin demo bench-out
+
+# clean-fixtures: drop the test fixtures' GC roots and collect the store, so
+# the next make test builds them as a new machine does.
+clean-fixtures:
+	scripts/drop-fixtures
