@@ -12,9 +12,10 @@ import (
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
-// goldenLock serialises the golden builds of concurrent test processes: their
-// store paths have fixed names.
-const goldenLock = "/nix/store/.nixvm-image-golden.lock"
+// goldenLock is flocked to serialise the golden builds of concurrent test
+// processes (their store paths have fixed names): the store directory
+// itself, so the lock leaves no file behind.
+const goldenLock = "/nix/store"
 
 // TestGolden pins the bytes of three images of the tiny closure, made with
 // fixed store paths: a qcow2 (legacy, zstd), a raw disk (hybrid: GPT,
@@ -23,7 +24,7 @@ const goldenLock = "/nix/store/.nixvm-image-golden.lock"
 // for a deliberate format change, and say so in the commit.
 func TestGolden(t *testing.T) {
 	testutil.NeedRoot(t)
-	lock, err := os.OpenFile(goldenLock, os.O_CREATE|os.O_RDWR, 0o644)
+	lock, err := os.Open(goldenLock)
 	if err != nil {
 		testutil.Skip(t, "cannot lock %s: %v", goldenLock, err)
 	}

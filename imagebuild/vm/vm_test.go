@@ -503,3 +503,41 @@ func TestStageCancel(t *testing.T) {
 		t.Errorf("cancel took %s", d)
 	}
 }
+
+// TestModulesCompressed resolves modules from a made-up modules.dep whose
+// files are .ko.zst and .ko.xz, as other distributions ship them.
+func TestModulesCompressed(t *testing.T) {
+	testutil.NeedTool(t, "xz", "zstd")
+	dir := t.TempDir()
+	write := func(rel, content string) {
+		p := filepath.Join(dir, rel)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("kernel/a/base.ko", "\x7fELF base")
+	write("kernel/b/mid-dep.ko", "\x7fELF mid")
+	write("kernel/c/top.ko", "\x7fELF top")
+	for _, argv := range [][]string{{"zstd", "-q", "--rm", "kernel/b/mid-dep.ko"}, {"xz", "-q", "kernel/c/top.ko"}} {
+		cmd := exec.Command(argv[0], argv[1:]...)
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", argv, err, out)
+		}
+	}
+	write("modules.dep", "kernel/c/top.ko.xz: kernel/b/mid-dep.ko.zst kernel/a/base.ko\nkernel/b/mid-dep.ko.zst: kernel/a/base.ko\nkernel/a/base.ko:\n")
+	write("modules.builtin", "kernel/x/builtin_one.ko\n")
+	mods, err := Modules(dir, []string{"top", "builtin-one"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, m := range mods {
+		got = append(got, m.Name+"="+string(m.Data))
+	}
+	want := []string{"base.ko=\x7fELF base", "mid_dep.ko=\x7fELF mid", "top.ko=\x7fELF top"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got %q, want %q", got, want)
+	}
+}
