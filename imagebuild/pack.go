@@ -2,12 +2,15 @@ package imagebuild
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nixvm-image/nixvm-image/internal/zeros"
 	"github.com/nixvm-image/nixvm-image/manifest"
@@ -184,14 +187,19 @@ func copySparse(ctx context.Context, src *os.File, size int64, sinks []writerAt,
 }
 
 // nextData returns the next data region of src at or after off, aligned to
-// blocks and clipped to [off, size); ok is false when only holes remain.
+// blocks and clipped to [off, size); ok is false when only holes remain. A
+// file system that cannot report holes has data everywhere.
 func nextData(src *os.File, off, size int64) (data, hole int64, ok bool, err error) {
-	const seekData, seekHole = 3, 4
-	data, err = src.Seek(off, seekData)
-	if err != nil {
-		return 0, 0, false, nil // ENXIO: no data after off
+	data, err = src.Seek(off, unix.SEEK_DATA)
+	switch {
+	case errors.Is(err, unix.ENXIO):
+		return 0, 0, false, nil // no data after off
+	case errors.Is(err, unix.EINVAL) || errors.Is(err, unix.EOPNOTSUPP):
+		return off, size, true, nil
+	case err != nil:
+		return 0, 0, false, fmt.Errorf("seek data in raw disk: %w", err)
 	}
-	hole, err = src.Seek(data, seekHole)
+	hole, err = src.Seek(data, unix.SEEK_HOLE)
 	if err != nil {
 		return 0, 0, false, fmt.Errorf("seek hole in raw disk: %w", err)
 	}
