@@ -335,9 +335,7 @@ func loadClosure(ctx context.Context, file, toplevel string) (*nixclosure.Closur
 			return nil, "", fmt.Errorf("--toplevel %s: %w", toplevel, err)
 		}
 	}
-	if err := c.Validate(); err != nil {
-		return nil, "", err
-	}
+	// Parse and FromToplevel have validated the closure.
 	if toplevel != "" {
 		if c.Lookup(toplevel) == nil {
 			return nil, "", fmt.Errorf("--toplevel %s is not in the closure %s", toplevel, file)
