@@ -193,7 +193,7 @@ type Result struct {
 // Stage installs the boot loader into the raw disk at disk, laid out as plan:
 // it boots the VM and runs switch-to-configuration boot in the image, then
 // normalises what the guest's kernel wrote (normalize.go).
-func Stage(ctx context.Context, opts Options, disk string, plan *partition.Plan) (*Result, error) {
+func Stage(ctx context.Context, opts Options, disk string, plan *partition.Plan) (res *Result, err error) {
 	start := time.Now()
 	if err := opts.defaults(); err != nil {
 		return nil, err
@@ -208,25 +208,31 @@ func Stage(ctx context.Context, opts Options, disk string, plan *partition.Plan)
 	if err != nil {
 		return nil, err
 	}
-	defer os.Remove(initrd)
+	defer func() {
+		if rerr := os.Remove(initrd); rerr != nil && err == nil {
+			res, err = nil, fmt.Errorf("vm: remove the initramfs: %w", rerr)
+		}
+	}()
 
 	f, err := os.OpenFile(disk, os.O_RDWR, 0)
 	if err != nil {
 		return nil, fmt.Errorf("vm: %w", err)
 	}
-	defer f.Close()
+	defer f.Close() // on errors; closed and checked below
 	snap, err := snapshotExt4(f, plan.Root.Start)
 	if err != nil {
 		return nil, err
 	}
 	cfg := Config{QEMU: opts.QEMU, Kernel: kernel, Initrd: initrd, Disk: disk, MemoryMiB: opts.MemoryMiB, Epoch: opts.Epoch}
-	res, err := bootStage(ctx, opts, cfg, nmods)
-	if err != nil {
+	if res, err = bootStage(ctx, opts, cfg, nmods); err != nil {
 		return nil, err
 	}
 	st, err := snap.restore(f, opts.Epoch)
 	if err != nil {
 		return nil, err
+	}
+	if err := f.Close(); err != nil {
+		return nil, fmt.Errorf("vm: %w", err)
 	}
 	fmt.Fprintf(opts.Log, "vm: normalised the root file system: %d inode timestamps clamped to %d, journal and superblock times restored\n", st.Inodes, opts.Epoch)
 	res.Duration = time.Since(start)
