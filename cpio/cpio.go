@@ -224,67 +224,74 @@ func (r *Reader) Next() (*Header, error) {
 	if r.err != nil {
 		return nil, r.err
 	}
+	h, err := r.next()
+	if err != nil {
+		r.err = err
+		return nil, err
+	}
+	return h, nil
+}
+
+func (r *Reader) next() (*Header, error) {
 	if _, err := io.CopyN(io.Discard, r.r, r.remain+int64(r.pad)); err != nil {
-		r.err = noEOF(err)
-		return nil, r.err
+		return nil, noEOF(err)
 	}
 	r.remain, r.pad = 0, 0
+	h, err := r.readHeader()
+	if err != nil {
+		return nil, err
+	}
+	if h.Name == trailerName {
+		return nil, io.EOF
+	}
+	r.remain, r.pad = h.Size, pad4(h.Size)
+	if h.Mode&TypeMask == TypeSymlink {
+		if h.Size > 1<<20 {
+			return nil, fmt.Errorf("%w: symlink %q target length %d", ErrHeader, h.Name, h.Size)
+		}
+		lb := make([]byte, h.Size)
+		if _, err := io.ReadFull(r, lb); err != nil {
+			return nil, noEOF(err)
+		}
+		h.Linkname = string(lb)
+	}
+	return h, nil
+}
+
+// readHeader reads a header and its name.
+func (r *Reader) readHeader() (*Header, error) {
 	var hb [headerLen]byte
 	if _, err := io.ReadFull(r.r, hb[:]); err != nil {
-		r.err = noEOF(err)
-		return nil, r.err
+		return nil, noEOF(err)
 	}
 	if m := string(hb[:6]); m != magicNewc && m != magicNewcCRC {
-		r.err = fmt.Errorf("%w: magic got %q, want %q", ErrHeader, m, magicNewc)
-		return nil, r.err
+		return nil, fmt.Errorf("%w: magic got %q, want %q", ErrHeader, m, magicNewc)
 	}
 	var f [13]uint32
 	for i := range f {
 		s := string(hb[6+8*i : 14+8*i])
 		v, err := strconv.ParseUint(s, 16, 32)
 		if err != nil {
-			r.err = fmt.Errorf("%w: field %d got %q, want 8 hex digits", ErrHeader, i, s)
-			return nil, r.err
+			return nil, fmt.Errorf("%w: field %d got %q, want 8 hex digits", ErrHeader, i, s)
 		}
 		f[i] = uint32(v)
 	}
 	nameLen := int64(f[11])
 	if nameLen < 1 || nameLen > 1<<20 {
-		r.err = fmt.Errorf("%w: name length got %d, want 1..%d", ErrHeader, nameLen, 1<<20)
-		return nil, r.err
+		return nil, fmt.Errorf("%w: name length got %d, want 1..%d", ErrHeader, nameLen, 1<<20)
 	}
 	nb := make([]byte, nameLen+int64(pad4(headerLen+nameLen)))
 	if _, err := io.ReadFull(r.r, nb); err != nil {
-		r.err = noEOF(err)
-		return nil, r.err
+		return nil, noEOF(err)
 	}
 	if nb[nameLen-1] != 0 {
-		r.err = fmt.Errorf("%w: name not NUL-terminated", ErrHeader)
-		return nil, r.err
+		return nil, fmt.Errorf("%w: name not NUL-terminated", ErrHeader)
 	}
-	h := &Header{
+	return &Header{
 		Ino: f[0], Mode: f[1], UID: f[2], GID: f[3], NLink: f[4], MTime: int64(f[5]), Size: int64(f[6]),
 		DevMajor: f[7], DevMinor: f[8], RDevMajor: f[9], RDevMinor: f[10],
 		Name: string(nb[:nameLen-1]),
-	}
-	if h.Name == trailerName {
-		r.err = io.EOF
-		return nil, io.EOF
-	}
-	r.remain, r.pad = h.Size, pad4(h.Size)
-	if h.Mode&TypeMask == TypeSymlink {
-		if h.Size > 1<<20 {
-			r.err = fmt.Errorf("%w: symlink %q target length %d", ErrHeader, h.Name, h.Size)
-			return nil, r.err
-		}
-		lb := make([]byte, h.Size)
-		if _, err := io.ReadFull(r, lb); err != nil {
-			r.err = noEOF(err)
-			return nil, r.err
-		}
-		h.Linkname = string(lb)
-	}
-	return h, nil
+	}, nil
 }
 
 // Read reads the current entry's data.

@@ -11,14 +11,16 @@ import (
 	"github.com/nixvm-image/nixvm-image/ext4"
 	"github.com/nixvm-image/nixvm-image/manifest"
 	"github.com/nixvm-image/nixvm-image/partition"
+	"github.com/nixvm-image/nixvm-image/qcow"
 )
 
 // layoutFromImage reads a layout map from an image (qcow2 or raw) that has
-// no manifest: its root file system is where --layout puts it on a disk of
+// no manifest: its root file system is where Options.Layout puts it on a disk of
 // the image's size, and ext4.ReadPlacements recovers the units from the
 // file system itself. The identifiers outside the file system (partition
 // IDs) cannot be recovered: they derive from this build's toplevel.
 func (b *builder) layoutFromImage(f *os.File) (*manifest.Layout, error) {
+	qcow.RegisterReaderCodecs()
 	img, err := qcow2reader.Open(f)
 	if err != nil {
 		return nil, err
@@ -34,7 +36,7 @@ func (b *builder) layoutFromImage(f *os.File) (*manifest.Layout, error) {
 	}
 	plan, err := partition.NewPlan(b.opts.Layout, size-(p0.DiskSize-p0.Root.Size), b.opts.ESPSize)
 	if err != nil || plan.DiskSize != size {
-		return nil, fmt.Errorf("a %d-byte disk is not one that --layout %s makes", size, b.opts.Layout)
+		return nil, fmt.Errorf("a %d-byte disk is not one that layout %s makes", size, b.opts.Layout)
 	}
 	opts, ps, err := ext4.ReadPlacements(io.NewSectionReader(img, plan.Root.Start, plan.Root.Size), storeUnit)
 	if err != nil {

@@ -54,7 +54,7 @@ func (b *builder) loadPrevious() error {
 	src := p
 	f, err := os.Open(p)
 	if err != nil {
-		return fmt.Errorf("%w: --previous %s: %w", ErrPrevious, p, err)
+		return fmt.Errorf("%w: %w", ErrPrevious, err)
 	}
 	defer f.Close()
 	var magic [8]byte
@@ -65,7 +65,7 @@ func (b *builder) loadPrevious() error {
 		if err != nil {
 			l, rerr := b.layoutFromImage(f)
 			if rerr != nil {
-				return fmt.Errorf("%w: --previous %s has no manifest beside it (%s) and its file system could not be read: %w; pass --previous none to lay out afresh", ErrPrevious, p, ManifestPath(p), rerr)
+				return fmt.Errorf("%w: %s has no manifest beside it (%s) and its file system could not be read: %w", ErrPrevious, p, ManifestPath(p), rerr)
 			}
 			b.prev = l
 			b.logf("previous layout: read from the file system of %s (%d units)", p, len(l.Units))
@@ -79,7 +79,7 @@ func (b *builder) loadPrevious() error {
 	}
 	m, err := manifest.Read(f)
 	if err != nil {
-		return fmt.Errorf("%w: --previous %s: %w; pass --previous none to lay out afresh", ErrPrevious, src, err)
+		return fmt.Errorf("%w: %s: %w", ErrPrevious, src, err)
 	}
 	if m.Layout == nil {
 		b.logf("previous layout: %s has no layout map (written by an older nixvm-image); laying out afresh", src)
@@ -100,7 +100,7 @@ func (b *builder) lineage() string {
 }
 
 // keepPlan returns the previous image's partition plan when this build can
-// keep it, else plan (auto or --size) and drops the previous layout, saying
+// keep it, else plan (auto or Options.Size) and drops the previous layout, saying
 // why.
 func (b *builder) keepPlan(plan *partition.Plan, minFS int64) (*partition.Plan, error) {
 	l := b.prev
@@ -120,10 +120,10 @@ func (b *builder) keepPlan(plan *partition.Plan, minFS int64) (*partition.Plan, 
 		return afresh("%v", err)
 	}
 	if kept.Root.Start != l.RootOffset || kept.Root.Size != l.RootSize {
-		return afresh("the previous root file system (%s at offset %s) does not match --layout %s (%s at offset %s)", units.Bytes(l.RootSize), units.Bytes(l.RootOffset), b.opts.Layout, units.Bytes(kept.Root.Size), units.Bytes(kept.Root.Start))
+		return afresh("the previous root file system (%s at offset %s) does not match layout %s (%s at offset %s)", units.Bytes(l.RootSize), units.Bytes(l.RootOffset), b.opts.Layout, units.Bytes(kept.Root.Size), units.Bytes(kept.Root.Start))
 	}
 	if b.opts.Size != 0 && kept.DiskSize != b.opts.Size {
-		return afresh("--size %s differs from the previous disk (%s)", units.Bytes(b.opts.Size), units.Bytes(kept.DiskSize))
+		return afresh("the disk size asked for (%s) differs from the previous disk (%s)", units.Bytes(b.opts.Size), units.Bytes(kept.DiskSize))
 	}
 	if err := b.ext4Options(l.RootSize).Validate(); err != nil {
 		return afresh("its layout map does not fit its file system: %v", err)

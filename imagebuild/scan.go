@@ -10,6 +10,9 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+	"time"
+
+	"github.com/nixvm-image/nixvm-image/internal/units"
 )
 
 // ErrUnsupportedFile reports a store path entry that neither a NAR nor
@@ -61,6 +64,29 @@ func newScanner() *scanner { return &scanner{links: map[inodeKey]*node{}} }
 const blockSize = 4096
 
 func blocksFor(n int64) uint64 { return uint64((n + blockSize - 1) / blockSize) }
+
+// scanStore is the first phase: it reads every store path's tree with
+// lstat and readdir, so the plan can size the image before any file is
+// read.
+func (b *builder) scanStore() error {
+	t0 := time.Now()
+	b.scan = newScanner()
+	for _, p := range b.opts.Closure.Paths {
+		if err := b.ctx.Err(); err != nil {
+			return err
+		}
+		t, err := b.scan.scan(p.Path)
+		if os.IsNotExist(err) {
+			return fmt.Errorf("%w: %s: realise it first (nix-store --realise %s) or build where it exists: %w", ErrMissing, p.Path, p.Path, err)
+		}
+		if err != nil {
+			return fmt.Errorf("scan %s: %w", p.Path, err)
+		}
+		b.trees = append(b.trees, t)
+	}
+	b.logf("scanned %d store paths: %d files, %s of data (%s)", len(b.opts.Closure.Paths), b.scan.files, units.Bytes(b.scan.bytes), since(t0))
+	return nil
+}
 
 // scan reads the tree at src into nodes.
 func (s *scanner) scan(src string) (*node, error) {

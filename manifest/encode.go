@@ -34,6 +34,46 @@ func (m *Manifest) WriteTo(w io.Writer) (int64, error) {
 	if err := m.Validate(); err != nil {
 		return 0, err
 	}
+	sec := m.encodeBlocks()
+	var layout []byte
+	plen := sectionHdrLen + len(sec)
+	if m.Layout != nil {
+		layout = m.Layout.encode()
+		plen += sectionHdrLen + len(layout)
+	}
+	out := make([]byte, 0, fileHeaderLen+plen+checksumLen)
+	out = append(out, magic...)
+	out = binary.BigEndian.AppendUint32(out, version)
+	out = binary.BigEndian.AppendUint32(out, 0)
+	out = binary.BigEndian.AppendUint64(out, uint64(plen))
+	out = appendSection(out, sectionBlocks, sec)
+	if layout != nil {
+		out = appendSection(out, sectionLayout, layout)
+	}
+	sum := blake3.Sum256(out)
+	out = append(out, sum[:]...)
+	n, err := w.Write(out)
+	if err == nil && n < len(out) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		return int64(n), fmt.Errorf("manifest: write: %w", err)
+	}
+	return int64(n), nil
+}
+
+// appendSection appends a section: its type, a reserved word, its length
+// and its bytes.
+func appendSection(out []byte, typ uint32, sec []byte) []byte {
+	out = binary.BigEndian.AppendUint32(out, typ)
+	out = binary.BigEndian.AppendUint32(out, 0)
+	out = binary.BigEndian.AppendUint64(out, uint64(len(sec)))
+	return append(out, sec...)
+}
+
+// encodeBlocks is the block-list section: its header, then alternating
+// runs of zero blocks (a count) and literal hashes (a count and hashes).
+func (m *Manifest) encodeBlocks() []byte {
 	var sec bytes.Buffer
 	var hdr [blocksHdrLen]byte
 	binary.BigEndian.PutUint64(hdr[0:], uint64(m.VirtualSize))
@@ -57,38 +97,7 @@ func (m *Manifest) WriteTo(w io.Writer) (int64, error) {
 		}
 		i = k
 	}
-
-	var layout []byte
-	plen := sectionHdrLen + sec.Len()
-	if m.Layout != nil {
-		layout = m.Layout.encode()
-		plen += sectionHdrLen + len(layout)
-	}
-	out := make([]byte, 0, fileHeaderLen+plen+checksumLen)
-	out = append(out, magic...)
-	out = binary.BigEndian.AppendUint32(out, version)
-	out = binary.BigEndian.AppendUint32(out, 0)
-	out = binary.BigEndian.AppendUint64(out, uint64(plen))
-	out = binary.BigEndian.AppendUint32(out, sectionBlocks)
-	out = binary.BigEndian.AppendUint32(out, 0)
-	out = binary.BigEndian.AppendUint64(out, uint64(sec.Len()))
-	out = append(out, sec.Bytes()...)
-	if layout != nil {
-		out = binary.BigEndian.AppendUint32(out, sectionLayout)
-		out = binary.BigEndian.AppendUint32(out, 0)
-		out = binary.BigEndian.AppendUint64(out, uint64(len(layout)))
-		out = append(out, layout...)
-	}
-	sum := blake3.Sum256(out)
-	out = append(out, sum[:]...)
-	n, err := w.Write(out)
-	if err == nil && n < len(out) {
-		err = io.ErrShortWrite
-	}
-	if err != nil {
-		return int64(n), fmt.Errorf("manifest: write: %w", err)
-	}
-	return int64(n), nil
+	return sec.Bytes()
 }
 
 // Read reads one manifest in the version 1 format and validates it: magic,
@@ -184,27 +193,50 @@ func decodeSections(p []byte) (*Manifest, error) {
 }
 
 func decodeBlocks(s []byte) (*Manifest, error) {
+	m, count, err := decodeBlocksHeader(s)
+	if err != nil {
+		return nil, err
+	}
+	blocks, err := decodeRuns(s[blocksHdrLen:], count)
+	if err != nil {
+		return nil, err
+	}
+	m.Blocks = blocks
+	if got := ComputeDigest(blocks); got != m.Digest {
+		return nil, fmt.Errorf("%w: digest: got %x, want %x", ErrCorrupt, got, m.Digest)
+	}
+	return m, nil
+}
+
+// decodeBlocksHeader checks the block-list header and returns the manifest
+// it describes, without blocks, and their count.
+func decodeBlocksHeader(s []byte) (*Manifest, uint64, error) {
 	if len(s) < blocksHdrLen {
-		return nil, fmt.Errorf("%w: block-list header of %d bytes, want %d", ErrCorrupt, len(s), blocksHdrLen)
+		return nil, 0, fmt.Errorf("%w: block-list header of %d bytes, want %d", ErrCorrupt, len(s), blocksHdrLen)
 	}
 	size := binary.BigEndian.Uint64(s[0:])
 	if size > uint64(readMaxSize) {
-		return nil, fmt.Errorf("%w: virtual size %d, at most %d allowed", ErrTooLarge, size, readMaxSize)
+		return nil, 0, fmt.Errorf("%w: virtual size %d, at most %d allowed", ErrTooLarge, size, readMaxSize)
 	}
 	if bs := binary.BigEndian.Uint32(s[8:]); bs != BlockSize {
-		return nil, fmt.Errorf("%w: block size: got %d, want %d", ErrCorrupt, bs, BlockSize)
+		return nil, 0, fmt.Errorf("%w: block size: got %d, want %d", ErrCorrupt, bs, BlockSize)
 	}
 	if res := binary.BigEndian.Uint32(s[12:]); res != 0 {
-		return nil, fmt.Errorf("%w: block-list reserved field: got %#x, want 0", ErrCorrupt, res)
+		return nil, 0, fmt.Errorf("%w: block-list reserved field: got %#x, want 0", ErrCorrupt, res)
 	}
 	count := binary.BigEndian.Uint64(s[16:])
 	if want := uint64(BlockCount(int64(size))); count != want {
-		return nil, fmt.Errorf("%w: block count for %d bytes: got %d, want %d", ErrCorrupt, size, count, want)
+		return nil, 0, fmt.Errorf("%w: block count for %d bytes: got %d, want %d", ErrCorrupt, size, count, want)
 	}
 	m := &Manifest{VirtualSize: int64(size)}
 	copy(m.Digest[:], s[24:56])
-	s = s[blocksHdrLen:]
-	// Grow Blocks as runs are decoded, so memory follows the input.
+	return m, count, nil
+}
+
+// decodeRuns decodes count block hashes from their runs in s, which they
+// must fill exactly and canonically.
+func decodeRuns(s []byte, count uint64) ([]Hash, error) {
+	// Grow the blocks as runs are decoded, so memory follows the input.
 	blocks := make([]Hash, 0, min(count, 1<<16))
 	for first := true; uint64(len(blocks)) < count; first = false {
 		z, n := binary.Uvarint(s)
@@ -242,9 +274,5 @@ func decodeBlocks(s []byte) (*Manifest, error) {
 	if len(s) != 0 {
 		return nil, fmt.Errorf("%w: %d bytes after the last block run", ErrCorrupt, len(s))
 	}
-	m.Blocks = blocks
-	if got := ComputeDigest(blocks); got != m.Digest {
-		return nil, fmt.Errorf("%w: digest: got %x, want %x", ErrCorrupt, got, m.Digest)
-	}
-	return m, nil
+	return blocks, nil
 }

@@ -1,11 +1,12 @@
 package manifest
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"runtime"
 	"sync"
+
+	"github.com/nixvm-image/nixvm-image/internal/zeros"
 )
 
 // Errors returned by Hasher.
@@ -116,7 +117,7 @@ func (h *Hasher) flush() {
 			defer wg.Done()
 			for i := lo; i < hi; i++ {
 				b := h.buf[i*BlockSize : (i+1)*BlockSize]
-				if !isZero(b) {
+				if !zeros.All(b) {
 					// The disk's short last block is zero beyond its end
 					// in buf, so hashing the full block pads it.
 					h.blocks[first+int64(i)] = HashBlock(b)
@@ -127,19 +128,4 @@ func (h *Hasher) flush() {
 	wg.Wait()
 	clear(h.buf[:nblocks*BlockSize])
 	h.bufOff = -1
-}
-
-func isZero(b []byte) bool {
-	for len(b) >= 8 {
-		if binary.NativeEndian.Uint64(b) != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, x := range b {
-		if x != 0 {
-			return false
-		}
-	}
-	return true
 }

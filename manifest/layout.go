@@ -126,68 +126,90 @@ func decodeLayout(s []byte) (*Layout, error) {
 	}
 	copy(l.UUID[:], s[16:32])
 	copy(l.HashSeed[:], s[32:48])
-	s = s[layoutHdrLen:]
-	var err error
-	uv := func(what string) uint64 {
-		if err != nil {
-			return 0
-		}
-		v, n := binary.Uvarint(s)
-		if n <= 0 {
-			err = fmt.Errorf("%w: layout: bad %s", ErrCorrupt, what)
-			return 0
-		}
-		s = s[n:]
-		return v
-	}
-	nl := uv("lineage length")
-	if err == nil && nl > uint64(len(s)) {
-		return nil, fmt.Errorf("%w: layout: lineage of %d bytes, %d left", ErrCorrupt, nl, len(s))
-	}
-	if err == nil {
-		l.Lineage = string(s[:nl])
-		s = s[nl:]
-	}
-	// Every unit takes at least 3 bytes, every run 2: counts beyond what
-	// is left are corrupt, and allocations follow the input.
-	nu := uv("unit count")
-	if err == nil && nu > uint64(len(s))/3 {
-		return nil, fmt.Errorf("%w: layout: %d units in %d bytes", ErrCorrupt, nu, len(s))
-	}
-	l.Units = make([]Unit, 0, nu)
-	for i := uint64(0); i < nu && err == nil; i++ {
-		nl := uv("name length")
-		if err != nil {
-			break
-		}
-		if nl > uint64(len(s)) {
-			return nil, fmt.Errorf("%w: layout: name of %d bytes, %d left", ErrCorrupt, nl, len(s))
-		}
-		u := Unit{Name: string(s[:nl])}
-		s = s[nl:]
-		for _, rs := range []*[]Run{&u.Inodes, &u.Blocks} {
-			nr := uv("run count")
-			if err == nil && nr > uint64(len(s))/2 {
-				return nil, fmt.Errorf("%w: layout: unit %q: %d runs in %d bytes", ErrCorrupt, u.Name, nr, len(s))
-			}
-			if nr > 0 {
-				*rs = make([]Run, 0, nr)
-			}
-			for j := uint64(0); j < nr && err == nil; j++ {
-				r := Run{uv("run start"), uv("run length")}
-				*rs = append(*rs, r)
-			}
-		}
-		l.Units = append(l.Units, u)
-	}
+	d := &uvarints{s: s[layoutHdrLen:]}
+	lineage, err := d.bytes(d.uv("lineage length"), "lineage")
 	if err != nil {
 		return nil, err
 	}
-	if len(s) != 0 {
-		return nil, fmt.Errorf("%w: layout: %d bytes after the last unit", ErrCorrupt, len(s))
+	l.Lineage = string(lineage)
+	// Every unit takes at least 3 bytes, every run 2: counts beyond what
+	// is left are corrupt, and allocations follow the input.
+	nu := d.uv("unit count")
+	if d.err == nil && nu > uint64(len(d.s))/3 {
+		return nil, fmt.Errorf("%w: layout: %d units in %d bytes", ErrCorrupt, nu, len(d.s))
+	}
+	l.Units = make([]Unit, 0, nu)
+	for i := uint64(0); i < nu && d.err == nil; i++ {
+		u, err := d.unit()
+		if err != nil {
+			return nil, err
+		}
+		l.Units = append(l.Units, u)
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	if len(d.s) != 0 {
+		return nil, fmt.Errorf("%w: layout: %d bytes after the last unit", ErrCorrupt, len(d.s))
 	}
 	if err := l.Validate(); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	return l, nil
+}
+
+// uvarints reads a layout section's varints; the first error sticks.
+type uvarints struct {
+	s   []byte
+	err error
+}
+
+// uv reads a varint, what it is naming it in the error.
+func (d *uvarints) uv(what string) uint64 {
+	if d.err != nil {
+		return 0
+	}
+	v, n := binary.Uvarint(d.s)
+	if n <= 0 {
+		d.err = fmt.Errorf("%w: layout: bad %s", ErrCorrupt, what)
+		return 0
+	}
+	d.s = d.s[n:]
+	return v
+}
+
+// bytes reads n bytes of a field named what.
+func (d *uvarints) bytes(n uint64, what string) ([]byte, error) {
+	if d.err != nil {
+		return nil, d.err
+	}
+	if n > uint64(len(d.s)) {
+		return nil, fmt.Errorf("%w: layout: %s of %d bytes, %d left", ErrCorrupt, what, n, len(d.s))
+	}
+	b := d.s[:n]
+	d.s = d.s[n:]
+	return b, nil
+}
+
+// unit reads a unit: its name, inode runs and block runs.
+func (d *uvarints) unit() (Unit, error) {
+	name, err := d.bytes(d.uv("name length"), "name")
+	if err != nil {
+		return Unit{}, err
+	}
+	u := Unit{Name: string(name)}
+	for _, rs := range []*[]Run{&u.Inodes, &u.Blocks} {
+		nr := d.uv("run count")
+		if d.err == nil && nr > uint64(len(d.s))/2 {
+			return Unit{}, fmt.Errorf("%w: layout: unit %q: %d runs in %d bytes", ErrCorrupt, u.Name, nr, len(d.s))
+		}
+		if nr > 0 {
+			*rs = make([]Run, 0, nr)
+		}
+		for j := uint64(0); j < nr && d.err == nil; j++ {
+			r := Run{d.uv("run start"), d.uv("run length")}
+			*rs = append(*rs, r)
+		}
+	}
+	return u, d.err
 }

@@ -33,113 +33,141 @@ func ParseJSON(r io.Reader) (*Closure, error) {
 }
 
 func parseJSON(data []byte, name string) (*Closure, error) {
-	l := &lines{name: name}
-	lineOf := func(off int64) int {
-		if off > int64(len(data)) {
-			off = int64(len(data))
-		}
-		return bytes.Count(data[:off], []byte("\n")) + 1
+	doc := &jsonDoc{lines: lines{name: name}, data: data}
+	arr, base, err := doc.closureArray()
+	if err != nil {
+		return nil, err
 	}
-	wrap := func(err error) error {
-		var se *json.SyntaxError
-		var te *json.UnmarshalTypeError
-		switch {
-		case errors.As(err, &se):
-			return l.errorf(lineOf(se.Offset), "%v", err)
-		case errors.As(err, &te):
-			return l.errorf(lineOf(te.Offset), "%v", err)
-		}
-		return l.errorf(lineOf(int64(len(data))), "%v", err)
-	}
-	var raw json.RawMessage
-	if err := json.Unmarshal(data, &raw); err != nil {
-		return nil, wrap(err)
-	}
-	base := int64(0) // offset of the array within data
-	if t := bytes.TrimLeft(raw, " \t\r\n"); len(t) > 0 && t[0] == '{' {
-		var obj map[string]json.RawMessage
-		if err := json.Unmarshal(raw, &obj); err != nil {
-			return nil, wrap(err)
-		}
-		arr, ok := obj["closure"]
-		if !ok {
-			return nil, l.errorf(1, "got a JSON object without \"closure\", want an array of paths or {\"closure\": [...]}")
-		}
-		raw = arr
-		base = int64(bytes.Index(data, arr))
-	}
-	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec := json.NewDecoder(bytes.NewReader(arr))
 	tok, err := dec.Token()
 	if err != nil {
-		return nil, wrap(err)
+		return nil, doc.wrap(err)
 	}
 	if d, ok := tok.(json.Delim); !ok || d != '[' {
-		return nil, l.errorf(lineOf(base), "got %v, want a JSON array of paths", tok)
+		return nil, doc.errorf(doc.lineOf(base), "got %v, want a JSON array of paths", tok)
 	}
 	c := &Closure{StoreDir: DefaultStoreDir}
 	seen := map[string]int{}
 	for dec.More() {
-		start := base + dec.InputOffset()
-		for start < int64(len(data)) && bytes.IndexByte([]byte(" \t\r\n,"), data[start]) >= 0 {
-			start++
-		}
-		var jp jsonPath
-		if err := dec.Decode(&jp); err != nil {
-			var se *json.SyntaxError
-			var te *json.UnmarshalTypeError
-			switch {
-			case errors.As(err, &se):
-				return nil, l.errorf(lineOf(base+se.Offset), "%v", err)
-			case errors.As(err, &te):
-				return nil, l.errorf(lineOf(start), "%v", err)
-			}
-			return nil, l.errorf(lineOf(start), "%v", err)
-		}
-		line := lineOf(start)
-		if jp.Path == nil {
-			return nil, l.errorf(line, "element without \"path\", want {path, narHash, narSize, references}")
-		}
-		pi := PathInfo{Path: *jp.Path, NarSize: jp.NarSize, References: jp.References}
-		if err := CheckStorePath(DefaultStoreDir, pi.Path); err != nil {
-			return nil, l.errorf(line, "path: got %q, want a store path", pi.Path)
-		}
-		if first, dup := seen[pi.Path]; dup {
-			return nil, fmt.Errorf("%w: %s: %s, first listed on line %d", ErrDuplicate, l.at(line), pi.Path, first)
-		}
-		seen[pi.Path] = line
-		if jp.NarHash != "" {
-			if pi.NarHash, err = NormaliseHash(jp.NarHash); err != nil {
-				return nil, l.errorf(line, "narHash: got %q, want sha256:<nix32> or sha256-<base64>", jp.NarHash)
-			}
-		}
-		if jp.Deriver != nil {
-			pi.Deriver = *jp.Deriver
-			if pi.Deriver != "" {
-				if err := CheckStorePath(DefaultStoreDir, pi.Deriver); err != nil {
-					return nil, l.errorf(line, "deriver: got %q, want a store path", pi.Deriver)
-				}
-			}
-		}
-		if pi.References == nil {
-			pi.References = []string{}
-		}
-		for _, r := range pi.References {
-			if err := CheckStorePath(DefaultStoreDir, r); err != nil {
-				return nil, l.errorf(line, "references: got %q, want a store path", r)
-			}
+		pi, err := doc.decodePath(dec, base, seen)
+		if err != nil {
+			return nil, err
 		}
 		c.Paths = append(c.Paths, pi)
 	}
 	if _, err := dec.Token(); err != nil {
-		return nil, wrap(err)
+		return nil, doc.wrap(err)
 	}
 	c.Sort()
-	for _, p := range c.Paths {
-		for j := 1; j < len(p.References); j++ {
-			if p.References[j] == p.References[j-1] {
-				return nil, fmt.Errorf("%w: %s: %s lists reference %s twice", ErrDuplicate, l.at(seen[p.Path]), p.Path, p.References[j])
-			}
-		}
+	if err := checkRepeatedRefs(c, &doc.lines, seen); err != nil {
+		return nil, err
 	}
 	return c, nil
+}
+
+// jsonDoc is a JSON input, with its line numbers for errors.
+type jsonDoc struct {
+	lines
+	data []byte
+}
+
+// lineOf is the line of the byte at off.
+func (d *jsonDoc) lineOf(off int64) int {
+	off = min(off, int64(len(d.data)))
+	return bytes.Count(d.data[:off], []byte("\n")) + 1
+}
+
+// wrap turns an error decoding the whole input into ErrMalformed at its
+// line (the last line when the error has no offset).
+func (d *jsonDoc) wrap(err error) error {
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &se):
+		return d.errorf(d.lineOf(se.Offset), "%v", err)
+	case errors.As(err, &te):
+		return d.errorf(d.lineOf(te.Offset), "%v", err)
+	}
+	return d.errorf(d.lineOf(int64(len(d.data))), "%v", err)
+}
+
+// closureArray returns the array of paths, the whole input or its
+// "closure" member, and its offset in the input.
+func (d *jsonDoc) closureArray() (json.RawMessage, int64, error) {
+	var raw json.RawMessage
+	if err := json.Unmarshal(d.data, &raw); err != nil {
+		return nil, 0, d.wrap(err)
+	}
+	if t := bytes.TrimLeft(raw, " \t\r\n"); len(t) == 0 || t[0] != '{' {
+		return raw, 0, nil
+	}
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &obj); err != nil {
+		return nil, 0, d.wrap(err)
+	}
+	arr, ok := obj["closure"]
+	if !ok {
+		return nil, 0, d.errorf(1, "got a JSON object without \"closure\", want an array of paths or {\"closure\": [...]}")
+	}
+	return arr, int64(bytes.Index(d.data, arr)), nil
+}
+
+// decodePath decodes the next element of the array, which starts at base
+// in the input; seen holds the line of each path decoded before.
+func (d *jsonDoc) decodePath(dec *json.Decoder, base int64, seen map[string]int) (PathInfo, error) {
+	start := base + dec.InputOffset()
+	for start < int64(len(d.data)) && bytes.IndexByte([]byte(" \t\r\n,"), d.data[start]) >= 0 {
+		start++
+	}
+	var jp jsonPath
+	if err := dec.Decode(&jp); err != nil {
+		var se *json.SyntaxError
+		if errors.As(err, &se) {
+			return PathInfo{}, d.errorf(d.lineOf(base+se.Offset), "%v", err)
+		}
+		return PathInfo{}, d.errorf(d.lineOf(start), "%v", err)
+	}
+	line := d.lineOf(start)
+	if jp.Path == nil {
+		return PathInfo{}, d.errorf(line, "element without \"path\", want {path, narHash, narSize, references}")
+	}
+	if err := CheckStorePath(DefaultStoreDir, *jp.Path); err != nil {
+		return PathInfo{}, d.errorf(line, "path: got %q, want a store path", *jp.Path)
+	}
+	if first, dup := seen[*jp.Path]; dup {
+		return PathInfo{}, fmt.Errorf("%w: %s: %s, first listed on line %d", ErrDuplicate, d.at(line), *jp.Path, first)
+	}
+	seen[*jp.Path] = line
+	pi, err := jp.pathInfo()
+	if err != nil {
+		return PathInfo{}, d.errorf(line, "%v", err)
+	}
+	return pi, nil
+}
+
+// pathInfo checks the fields of an element whose path is checked, and
+// returns them as a PathInfo.
+func (jp *jsonPath) pathInfo() (PathInfo, error) {
+	pi := PathInfo{Path: *jp.Path, NarSize: jp.NarSize, References: jp.References}
+	if jp.NarHash != "" {
+		var err error
+		if pi.NarHash, err = NormaliseHash(jp.NarHash); err != nil {
+			return PathInfo{}, fmt.Errorf("narHash: got %q, want sha256:<nix32> or sha256-<base64>", jp.NarHash)
+		}
+	}
+	if jp.Deriver != nil {
+		pi.Deriver = *jp.Deriver
+		if pi.Deriver != "" && CheckStorePath(DefaultStoreDir, pi.Deriver) != nil {
+			return PathInfo{}, fmt.Errorf("deriver: got %q, want a store path", pi.Deriver)
+		}
+	}
+	if pi.References == nil {
+		pi.References = []string{}
+	}
+	for _, r := range pi.References {
+		if err := CheckStorePath(DefaultStoreDir, r); err != nil {
+			return PathInfo{}, fmt.Errorf("references: got %q, want a store path", r)
+		}
+	}
+	return pi, nil
 }

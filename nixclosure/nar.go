@@ -170,66 +170,91 @@ func (n *NarWriter) WriteHeader(h *NarHeader) error {
 	if err := n.finishFile(); err != nil {
 		return err
 	}
-	if err := checkRelPath(h.Path); err != nil {
+	if err := checkHeader(h); err != nil {
 		n.err = err
+		return err
+	}
+	root := h.Path == ""
+	if err := n.checkOrder(root, h.Path); err != nil {
+		n.err = err
+		return err
+	}
+	if root {
+		n.started = true
+		n.str("nix-archive-1")
+	} else if err := n.openEntry(h.Path); err != nil {
+		n.err = err
+		return err
+	}
+	n.node(h, root)
+	return n.flush()
+}
+
+// checkHeader checks a header's path, type, size and symlink target.
+func checkHeader(h *NarHeader) error {
+	if err := checkRelPath(h.Path); err != nil {
 		return err
 	}
 	switch h.Type {
 	case NarRegular:
 		if h.Size < 0 {
-			n.err = fmt.Errorf("%w: %q: negative size %d", ErrNarHeader, h.Path, h.Size)
-			return n.err
+			return fmt.Errorf("%w: %q: negative size %d", ErrNarHeader, h.Path, h.Size)
 		}
 	case NarSymlink:
 		if h.Linkname == "" || strings.IndexByte(h.Linkname, 0) >= 0 {
-			n.err = fmt.Errorf("%w: %q: symlink target %q is empty or contains NUL", ErrNarHeader, h.Path, h.Linkname)
-			return n.err
+			return fmt.Errorf("%w: %q: symlink target %q is empty or contains NUL", ErrNarHeader, h.Path, h.Linkname)
 		}
 	case NarDirectory:
 	default:
-		n.err = fmt.Errorf("%w: %q: unknown type %v", ErrNarHeader, h.Path, h.Type)
-		return n.err
+		return fmt.Errorf("%w: %q: unknown type %v", ErrNarHeader, h.Path, h.Type)
 	}
-	root := h.Path == ""
+	return nil
+}
+
+// checkOrder checks that an entry at path (the root when root) may come
+// now: the root once and first, nothing after a complete root.
+func (n *NarWriter) checkOrder(root bool, path string) error {
 	switch {
 	case n.done:
-		n.err = fmt.Errorf("%w: %q after the root was complete", ErrNarOrder, h.Path)
-		return n.err
+		return fmt.Errorf("%w: %q after the root was complete", ErrNarOrder, path)
 	case !n.started && !root:
-		n.err = fmt.Errorf("%w: got %q, want the root (\"\") first", ErrNarOrder, h.Path)
-		return n.err
+		return fmt.Errorf("%w: got %q, want the root (\"\") first", ErrNarOrder, path)
 	case n.started && root:
-		n.err = fmt.Errorf("%w: root given twice", ErrNarOrder)
-		return n.err
+		return fmt.Errorf("%w: root given twice", ErrNarOrder)
 	}
-	if root {
-		n.started = true
-		n.str("nix-archive-1")
-	} else {
-		parent, name := "", h.Path
-		if i := strings.LastIndexByte(h.Path, '/'); i >= 0 {
-			parent, name = h.Path[:i], h.Path[i+1:]
-		}
-		// Close directories until the parent is innermost.
-		for len(n.stack) > 0 && n.stack[len(n.stack)-1].path != parent && !isUnder(parent, n.stack[len(n.stack)-1].path) {
-			n.closeDir()
-		}
-		if len(n.stack) == 0 || n.stack[len(n.stack)-1].path != parent {
-			n.err = fmt.Errorf("%w: %q: its directory %q is not open (entries must be depth first, each directory right before its entries)", ErrNarOrder, h.Path, parent)
-			return n.err
-		}
-		d := &n.stack[len(n.stack)-1]
-		if d.last != "" && name <= d.last {
-			n.err = fmt.Errorf("%w: %q after %q in directory %q: names must be sorted byte-wise and unique", ErrNarOrder, name, d.last, parent)
-			return n.err
-		}
-		d.last = name
-		n.str("entry")
-		n.str("(")
-		n.str("name")
-		n.str(name)
-		n.str("node")
+	return nil
+}
+
+// openEntry closes the directories that path is not in, checks that it
+// comes in order in its own, and starts its directory entry.
+func (n *NarWriter) openEntry(path string) error {
+	parent, name := "", path
+	if i := strings.LastIndexByte(path, '/'); i >= 0 {
+		parent, name = path[:i], path[i+1:]
 	}
+	// Close directories until the parent is innermost.
+	for len(n.stack) > 0 && n.stack[len(n.stack)-1].path != parent && !isUnder(parent, n.stack[len(n.stack)-1].path) {
+		n.closeDir()
+	}
+	if len(n.stack) == 0 || n.stack[len(n.stack)-1].path != parent {
+		return fmt.Errorf("%w: %q: its directory %q is not open (entries must be depth first, each directory right before its entries)", ErrNarOrder, path, parent)
+	}
+	d := &n.stack[len(n.stack)-1]
+	if d.last != "" && name <= d.last {
+		return fmt.Errorf("%w: %q after %q in directory %q: names must be sorted byte-wise and unique", ErrNarOrder, name, d.last, parent)
+	}
+	d.last = name
+	n.str("entry")
+	n.str("(")
+	n.str("name")
+	n.str(name)
+	n.str("node")
+	return nil
+}
+
+// node writes the entry's node up to its contents (a regular file), whole
+// (a symlink) or opened (a directory).
+func (n *NarWriter) node(h *NarHeader, root bool) {
 	n.str("(")
 	n.str("type")
 	switch h.Type {
@@ -256,7 +281,6 @@ func (n *NarWriter) WriteHeader(h *NarHeader) error {
 		n.str("directory")
 		n.stack = append(n.stack, narDir{path: h.Path, root: root})
 	}
-	return n.flush()
 }
 
 // isUnder reports whether p is strictly inside directory dir.

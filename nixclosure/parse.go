@@ -138,65 +138,100 @@ func parseLines(data []byte, name string, withHashes bool) (*Closure, error) {
 			return nil, fmt.Errorf("%w: %s: %s, first listed on line %d", ErrDuplicate, l.at(pathLine), path, first)
 		}
 		seen[path] = pathLine
-		pi := PathInfo{Path: path}
-		if withHashes {
-			h, err := l.next("a NAR hash")
-			if err != nil {
-				return nil, err
-			}
-			if pi.NarHash, err = NormaliseHash(h); err != nil {
-				return nil, l.errorf(l.line, "got %q, want a sha256 NAR hash (hex or sha256:<nix32>)", h)
-			}
-			s, err := l.next("a NAR size")
-			if err != nil {
-				return nil, err
-			}
-			if pi.NarSize, err = strconv.ParseUint(s, 10, 64); err != nil {
-				return nil, l.errorf(l.line, "got %q, want a NAR size (decimal)", s)
-			}
-		}
-		d, err := l.next("a deriver or an empty line")
+		pi, err := l.pathInfo(path, withHashes)
 		if err != nil {
 			return nil, err
 		}
-		if d != "" {
-			if err := CheckStorePath(DefaultStoreDir, d); err != nil {
-				return nil, l.errorf(l.line, "got %q, want a deriver store path or an empty line", d)
-			}
-		}
-		pi.Deriver = d
-		s, err := l.next("a number of references")
-		if err != nil {
-			return nil, err
-		}
-		n, err := strconv.ParseUint(s, 10, 32)
-		if err != nil || (len(s) > 1 && s[0] == '0') {
-			return nil, l.errorf(l.line, "got %q, want a number of references (decimal)", s)
-		}
-		if n > uint64(bytes.Count(l.data, []byte("\n"))+1) {
-			return nil, l.errorf(l.line, "got %d references, but only %d lines remain", n, bytes.Count(l.data, []byte("\n"))+1)
-		}
-		refs := make([]string, 0, n)
-		for i := uint64(0); i < n; i++ {
-			r, err := l.next(fmt.Sprintf("reference %d of %d", i+1, n))
-			if err != nil {
-				return nil, err
-			}
-			if err := CheckStorePath(DefaultStoreDir, r); err != nil {
-				return nil, l.errorf(l.line, "got %q, want reference %d of %d (a store path)", r, i+1, n)
-			}
-			refs = append(refs, r)
-		}
-		pi.References = refs
 		c.Paths = append(c.Paths, pi)
 	}
 	c.Sort()
+	if err := checkRepeatedRefs(c, l, seen); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// pathInfo reads the lines after a path's: its hash and size (withHashes),
+// its deriver and its references.
+func (l *lines) pathInfo(path string, withHashes bool) (PathInfo, error) {
+	pi := PathInfo{Path: path}
+	if withHashes {
+		var err error
+		if pi.NarHash, pi.NarSize, err = l.hashAndSize(); err != nil {
+			return pi, err
+		}
+	}
+	d, err := l.next("a deriver or an empty line")
+	if err != nil {
+		return pi, err
+	}
+	if d != "" {
+		if err := CheckStorePath(DefaultStoreDir, d); err != nil {
+			return pi, l.errorf(l.line, "got %q, want a deriver store path or an empty line", d)
+		}
+	}
+	pi.Deriver = d
+	pi.References, err = l.references()
+	return pi, err
+}
+
+// hashAndSize reads a NAR hash line and a NAR size line.
+func (l *lines) hashAndSize() (string, uint64, error) {
+	h, err := l.next("a NAR hash")
+	if err != nil {
+		return "", 0, err
+	}
+	hash, err := NormaliseHash(h)
+	if err != nil {
+		return "", 0, l.errorf(l.line, "got %q, want a sha256 NAR hash (hex or sha256:<nix32>)", h)
+	}
+	s, err := l.next("a NAR size")
+	if err != nil {
+		return "", 0, err
+	}
+	size, err := strconv.ParseUint(s, 10, 64)
+	if err != nil {
+		return "", 0, l.errorf(l.line, "got %q, want a NAR size (decimal)", s)
+	}
+	return hash, size, nil
+}
+
+// references reads a number of references and as many store paths.
+func (l *lines) references() ([]string, error) {
+	s, err := l.next("a number of references")
+	if err != nil {
+		return nil, err
+	}
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil || (len(s) > 1 && s[0] == '0') {
+		return nil, l.errorf(l.line, "got %q, want a number of references (decimal)", s)
+	}
+	if n > uint64(bytes.Count(l.data, []byte("\n"))+1) {
+		return nil, l.errorf(l.line, "got %d references, but only %d lines remain", n, bytes.Count(l.data, []byte("\n"))+1)
+	}
+	refs := make([]string, 0, n)
+	for i := uint64(0); i < n; i++ {
+		r, err := l.next(fmt.Sprintf("reference %d of %d", i+1, n))
+		if err != nil {
+			return nil, err
+		}
+		if err := CheckStorePath(DefaultStoreDir, r); err != nil {
+			return nil, l.errorf(l.line, "got %q, want reference %d of %d (a store path)", r, i+1, n)
+		}
+		refs = append(refs, r)
+	}
+	return refs, nil
+}
+
+// checkRepeatedRefs fails with ErrDuplicate on a sorted closure's path that
+// lists a reference twice, naming the line (seen) where the path is.
+func checkRepeatedRefs(c *Closure, l *lines, seen map[string]int) error {
 	for _, p := range c.Paths {
 		for j := 1; j < len(p.References); j++ {
 			if p.References[j] == p.References[j-1] {
-				return nil, fmt.Errorf("%w: %s: %s lists reference %s twice", ErrDuplicate, l.at(seen[p.Path]), p.Path, p.References[j])
+				return fmt.Errorf("%w: %s: %s lists reference %s twice", ErrDuplicate, l.at(seen[p.Path]), p.Path, p.References[j])
 			}
 		}
 	}
-	return c, nil
+	return nil
 }

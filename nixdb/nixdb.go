@@ -189,16 +189,8 @@ func Write(dbPath string, paths []Path, registrationTime int64) (err error) {
 	if err != nil {
 		return err
 	}
-	ids := make(map[string]int64, len(rows))
-	for _, r := range rows {
-		ids[r.Path.Path] = r.id
-	}
-	for _, r := range rows {
-		for _, ref := range r.References {
-			if _, ok := ids[ref]; !ok {
-				return fmt.Errorf("%w: %s references %s", ErrDangling, r.Path.Path, ref)
-			}
-		}
+	if err := checkDangling(rows); err != nil {
+		return err
 	}
 	if _, err := os.Lstat(dbPath); err == nil {
 		return fmt.Errorf("%w: %s", ErrExists, dbPath)
@@ -212,7 +204,10 @@ func Write(dbPath string, paths []Path, registrationTime int64) (err error) {
 		return err
 	}
 	tmpName := tmp.Name()
-	tmp.Close()
+	if err := tmp.Close(); err != nil {
+		os.Remove(tmpName)
+		return err
+	}
 	defer func() {
 		if err != nil {
 			os.Remove(tmpName)
@@ -225,19 +220,7 @@ func Write(dbPath string, paths []Path, registrationTime int64) (err error) {
 	if err := fill(tmpName, rows, registrationTime); err != nil {
 		return fmt.Errorf("nixdb: writing %s: %w", dbPath, err)
 	}
-	f, err := os.OpenFile(tmpName, os.O_RDWR, 0)
-	if err != nil {
-		return err
-	}
-	if err := f.Chmod(0o644); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
+	if err := syncFile(tmpName); err != nil {
 		return err
 	}
 	// Link, not rename, so an existing dbPath (created meanwhile) is not
@@ -249,6 +232,40 @@ func Write(dbPath string, paths []Path, registrationTime int64) (err error) {
 		return err
 	}
 	return os.Remove(tmpName)
+}
+
+// checkDangling fails with ErrDangling when a row references a path that
+// is not a row.
+func checkDangling(rows []row) error {
+	ids := make(map[string]int64, len(rows))
+	for _, r := range rows {
+		ids[r.Path.Path] = r.id
+	}
+	for _, r := range rows {
+		for _, ref := range r.References {
+			if _, ok := ids[ref]; !ok {
+				return fmt.Errorf("%w: %s references %s", ErrDangling, r.Path.Path, ref)
+			}
+		}
+	}
+	return nil
+}
+
+// syncFile makes the file at name mode 0644 and syncs it.
+func syncFile(name string) error {
+	f, err := os.OpenFile(name, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	if err := f.Chmod(0o644); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // WriteDir writes dir/db.sqlite and dir/schema, the content of a store's
@@ -299,16 +316,26 @@ func fill(name string, rows []row, registrationTime int64) (err error) {
 	if _, err := tx.ExecContext(ctx, schemaTables); err != nil {
 		return fmt.Errorf("schema: %w", err)
 	}
+	if err := insertPaths(ctx, tx, rows, registrationTime); err != nil {
+		return err
+	}
+	if err := insertRefs(ctx, tx, rows); err != nil {
+		return err
+	}
+	// Indices after the data: SQLite then builds them sorted and packed.
+	if _, err := tx.ExecContext(ctx, schemaIndices); err != nil {
+		return fmt.Errorf("schema: %w", err)
+	}
+	return tx.Commit()
+}
+
+// insertPaths inserts a ValidPaths row per path.
+func insertPaths(ctx context.Context, tx *sql.Tx, rows []row, registrationTime int64) error {
 	ins, err := tx.PrepareContext(ctx, `insert into ValidPaths (id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, null, null, ?)`)
 	if err != nil {
 		return err
 	}
 	defer ins.Close()
-	ref, err := tx.PrepareContext(ctx, `insert into Refs (referrer, reference) values (?, ?)`)
-	if err != nil {
-		return err
-	}
-	defer ref.Close()
 	nullIf := func(s string) any {
 		if s == "" {
 			return nil
@@ -324,6 +351,16 @@ func fill(name string, rows []row, registrationTime int64) (err error) {
 			return fmt.Errorf("%s: %w", r.Path.Path, err)
 		}
 	}
+	return nil
+}
+
+// insertRefs inserts the Refs rows, each path's references by ascending id.
+func insertRefs(ctx context.Context, tx *sql.Tx, rows []row) error {
+	ref, err := tx.PrepareContext(ctx, `insert into Refs (referrer, reference) values (?, ?)`)
+	if err != nil {
+		return err
+	}
+	defer ref.Close()
 	byPath := make(map[string]int64, len(rows))
 	for _, r := range rows {
 		byPath[r.Path.Path] = r.id
@@ -343,9 +380,5 @@ func fill(name string, rows []row, registrationTime int64) (err error) {
 			}
 		}
 	}
-	// Indices after the data: SQLite then builds them sorted and packed.
-	if _, err := tx.ExecContext(ctx, schemaIndices); err != nil {
-		return fmt.Errorf("schema: %w", err)
-	}
-	return tx.Commit()
+	return nil
 }

@@ -67,6 +67,8 @@ var (
 	ErrLayout = errors.New("partition: unknown layout")
 	// ErrTooLarge reports a disk that the layout cannot address.
 	ErrTooLarge = errors.New("partition: disk too large for layout")
+	// ErrESPSize reports an EFI system partition below MinESPSize.
+	ErrESPSize = errors.New("partition: ESP too small")
 )
 
 // ParseLayout checks a layout name.
@@ -120,7 +122,7 @@ func NewPlan(layout Layout, rootSize, espSize int64) (*Plan, error) {
 		espSize = DefaultESPSize
 	}
 	if layout.HasESP() && espSize < MinESPSize {
-		return nil, fmt.Errorf("partition: ESP size %d MiB is too small: want at least %d MiB", espSize/MiB, MinESPSize/MiB)
+		return nil, fmt.Errorf("%w: got %d MiB, want at least %d MiB", ErrESPSize, espSize/MiB, MinESPSize/MiB)
 	}
 	p := &Plan{Layout: layout}
 	off := int64(Align)
@@ -139,7 +141,7 @@ func NewPlan(layout Layout, rootSize, espSize int64) (*Plan, error) {
 		// of MiB, as qemu-img and LVM like it.
 		p.DiskSize = alignUp(p.DiskSize + gptTail)
 	} else if p.DiskSize > mbrLimit {
-		return nil, fmt.Errorf("%w: %s (MBR) addresses at most 2 TiB, want %d bytes; use --layout legacy+gpt", ErrTooLarge, layout, p.DiskSize)
+		return nil, fmt.Errorf("%w: %s (MBR) addresses at most 2 TiB, want %d bytes; a GPT layout has no such limit", ErrTooLarge, layout, p.DiskSize)
 	}
 	return p, nil
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/lima-vm/go-qcow2reader"
 	"github.com/lima-vm/go-qcow2reader/image"
 	"github.com/nixvm-image/nixvm-image/internal/fsutil"
+	"github.com/nixvm-image/nixvm-image/qcow"
 	"github.com/nixvm-image/nixvm-image/store"
 )
 
@@ -201,6 +202,7 @@ func openImage(path string) (*os.File, image.Image, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	qcow.RegisterReaderCodecs()
 	img, err := qcow2reader.Open(f)
 	if err != nil {
 		f.Close()

@@ -37,20 +37,9 @@ import (
 	"sync/atomic"
 
 	"github.com/klauspost/compress/zstd"
-	"github.com/lima-vm/go-qcow2reader/image/qcow2"
 	"github.com/nixvm-image/nixvm-image/manifest"
 	"github.com/nixvm-image/nixvm-image/store"
 )
-
-func init() {
-	qcow2.SetDecompressor(qcow2.CompressionTypeZstd, func(r io.Reader) (io.ReadCloser, error) {
-		d, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1))
-		if err != nil {
-			return nil, err
-		}
-		return d.IOReadCloser(), nil
-	})
-}
 
 // Options configure a push. The zero value is the default, except Name.
 type Options struct {

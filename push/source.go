@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"github.com/nixvm-image/nixvm-image/qcow"
 	"io"
 	"os"
 	"runtime"
@@ -41,6 +42,7 @@ func OpenSource(path string, progress func(int64)) (*Source, error) {
 	if err != nil {
 		return nil, err
 	}
+	qcow.RegisterReaderCodecs()
 	img, err := qcow2reader.Open(f)
 	if err == nil {
 		err = img.Readable()

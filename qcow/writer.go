@@ -9,6 +9,8 @@ import (
 
 	"github.com/klauspost/compress/flate"
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/nixvm-image/nixvm-image/internal/zeros"
 )
 
 // On-disk constants from docs/interop/qcow2.txt.
@@ -349,6 +351,22 @@ func (w *Writer) writeAt(b []byte, off int64) {
 // writeMetadata appends the L2 tables, the L1 table, the refcount blocks and
 // the refcount table, then writes the header into cluster 0.
 func (w *Writer) writeMetadata() error {
+	l1 := w.writeL2Tables()
+	l1Off := w.writeL1Table(l1)
+	tableOff, tableClusters, err := w.writeRefcounts()
+	if err != nil {
+		return err
+	}
+	w.writeHeader(len(l1), l1Off, tableOff, tableClusters)
+	w.stats.MetadataClusters = w.nextHost - w.stats.RawClusters - w.stats.PackClusters
+	w.stats.FileSize = w.nextHost * w.cs
+	w.stats.ZeroClusters = w.stats.GuestClusters - w.stats.RawClusters - w.stats.CompressedClusters
+	return w.err
+}
+
+// writeL2Tables appends the L2 tables in use and returns the L1 table
+// pointing at them.
+func (w *Writer) writeL2Tables() []uint64 {
 	buf := make([]byte, w.cs)
 	l1 := make([]uint64, len(w.l2))
 	for i, t := range w.l2 {
@@ -363,10 +381,13 @@ func (w *Writer) writeMetadata() error {
 		w.writeAt(buf, h*w.cs)
 		l1[i] = uint64(h*w.cs) | oflagCopied
 	}
+	return l1
+}
 
+// writeL1Table appends the L1 table and returns its offset.
+func (w *Writer) writeL1Table(l1 []uint64) int64 {
 	l1Off := w.nextHost * w.cs
-	l1Bytes := int64(len(l1)) * 8
-	l1Clusters := (l1Bytes + w.cs - 1) / w.cs
+	l1Clusters := (int64(len(l1))*8 + w.cs - 1) / w.cs
 	for range l1Clusters {
 		w.refcounts[w.allocCluster()] = 1
 	}
@@ -375,23 +396,31 @@ func (w *Writer) writeMetadata() error {
 		binary.BigEndian.PutUint64(l1Buf[8*i:], e)
 	}
 	w.writeAt(l1Buf, l1Off)
+	return l1Off
+}
 
-	// Refcount blocks and table cover every cluster including themselves:
-	// find the fixed point.
+// refcountSize returns how many refcount blocks and table clusters cover
+// base clusters and themselves: the fixed point.
+func (w *Writer) refcountSize(base int64) (blocks, tableClusters int64) {
 	rbEntries := w.cs * 8 / (1 << refcountOrder)
-	base := w.nextHost
-	var blocks, tableClusters int64
 	for {
 		total := base + blocks + tableClusters
 		nb := (total + rbEntries - 1) / rbEntries
 		nt := (nb*8 + w.cs - 1) / w.cs
 		if nb == blocks && nt == tableClusters {
-			break
+			return blocks, tableClusters
 		}
 		blocks, tableClusters = nb, nt
 	}
+}
+
+// writeRefcounts appends the refcount blocks, which count every cluster
+// (the header, themselves and the table included), and the refcount table.
+func (w *Writer) writeRefcounts() (tableOff, tableClusters int64, err error) {
+	base := w.nextHost
+	blocks, tableClusters := w.refcountSize(base)
 	if tableClusters*w.cs > maxRefTableBytes {
-		return fmt.Errorf("qcow: image too large: refcount table of %d bytes, QEMU reads at most %d", tableClusters*w.cs, maxRefTableBytes)
+		return 0, 0, fmt.Errorf("qcow: image too large: refcount table of %d bytes, QEMU reads at most %d", tableClusters*w.cs, maxRefTableBytes)
 	}
 	blocksStart := w.nextHost
 	for range blocks + tableClusters {
@@ -399,8 +428,10 @@ func (w *Writer) writeMetadata() error {
 	}
 	w.refcounts[0] = 1 // header
 	if w.nextHost != base+blocks+tableClusters {
-		return fmt.Errorf("BUG: qcow: %d host clusters allocated, want %d", w.nextHost, base+blocks+tableClusters)
+		return 0, 0, fmt.Errorf("BUG: qcow: %d host clusters allocated, want %d", w.nextHost, base+blocks+tableClusters)
 	}
+	rbEntries := w.cs * 8 / (1 << refcountOrder)
+	buf := make([]byte, w.cs)
 	for b := range blocks {
 		clear(buf)
 		lo := b * rbEntries
@@ -410,15 +441,18 @@ func (w *Writer) writeMetadata() error {
 		}
 		w.writeAt(buf, (blocksStart+b)*w.cs)
 	}
-	tableOff := (blocksStart + blocks) * w.cs
+	tableOff = (blocksStart + blocks) * w.cs
 	table := make([]byte, tableClusters*w.cs)
 	for b := range blocks {
 		binary.BigEndian.PutUint64(table[8*b:], uint64((blocksStart+b)*w.cs))
 	}
 	w.writeAt(table, tableOff)
+	return tableOff, tableClusters, nil
+}
 
-	clear(buf)
-	h := buf
+// writeHeader writes the header (cluster 0).
+func (w *Writer) writeHeader(l1Len int, l1Off, tableOff, tableClusters int64) {
+	h := make([]byte, w.cs)
 	be := binary.BigEndian
 	be.PutUint32(h[0:], magic)
 	be.PutUint32(h[4:], version)
@@ -426,7 +460,7 @@ func (w *Writer) writeMetadata() error {
 	be.PutUint32(h[20:], uint32(w.opts.ClusterBits))
 	be.PutUint64(h[24:], uint64(w.virtualSize))
 	// 32: crypt_method = 0
-	be.PutUint32(h[36:], uint32(len(l1)))
+	be.PutUint32(h[36:], uint32(l1Len))
 	be.PutUint64(h[40:], uint64(l1Off))
 	be.PutUint64(h[48:], uint64(tableOff))
 	be.PutUint32(h[56:], uint32(tableClusters))
@@ -441,11 +475,6 @@ func (w *Writer) writeMetadata() error {
 	// The header extension area ends with an end marker (type 0, length
 	// 0) at headerLength, already zero.
 	w.writeAt(h, 0)
-
-	w.stats.MetadataClusters = w.nextHost - w.stats.RawClusters - w.stats.PackClusters
-	w.stats.FileSize = w.nextHost * w.cs
-	w.stats.ZeroClusters = w.stats.GuestClusters - w.stats.RawClusters - w.stats.CompressedClusters
-	return w.err
 }
 
 // compressor is one worker's codec state.
@@ -495,7 +524,7 @@ func windowFor(cs int) int {
 
 func (c *compressor) do(j *job) {
 	in := *j.in
-	if isZero(in) {
+	if zeros.All(in) {
 		j.kind = kindZero
 		return
 	}
@@ -527,19 +556,4 @@ func (c *compressor) do(j *job) {
 // outBuf returns an empty buffer for compressed output.
 func (c *compressor) outBuf() []byte {
 	return (*c.outPool.Get().(*[]byte))[:0]
-}
-
-func isZero(b []byte) bool {
-	for len(b) >= 8 {
-		if binary.NativeEndian.Uint64(b) != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, x := range b {
-		if x != 0 {
-			return false
-		}
-	}
-	return true
 }

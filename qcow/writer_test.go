@@ -16,28 +16,18 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/klauspost/compress/zstd"
 	"github.com/lima-vm/go-qcow2reader"
 	"github.com/lima-vm/go-qcow2reader/image"
-	"github.com/lima-vm/go-qcow2reader/image/qcow2"
 
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
-)
 
-var registerZstd sync.Once
+	"github.com/nixvm-image/nixvm-image/internal/zeros"
+)
 
 // openQcow2 opens a qcow2 image with go-qcow2reader, with zstd registered.
 func openQcow2(t testing.TB, ra io.ReaderAt) image.Image {
 	t.Helper()
-	registerZstd.Do(func() {
-		qcow2.SetDecompressor(qcow2.CompressionTypeZstd, func(r io.Reader) (io.ReadCloser, error) {
-			d, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1))
-			if err != nil {
-				return nil, err
-			}
-			return d.IOReadCloser(), nil
-		})
-	})
+	RegisterReaderCodecs()
 	img, err := qcow2reader.Open(ra)
 	if err != nil {
 		t.Fatalf("go-qcow2reader: %v", err)
@@ -103,7 +93,7 @@ func writeImage(t testing.TB, dst io.WriterAt, data []byte, opts Options, rng *r
 	for off := 0; off < len(data); {
 		n := min(1+rng.IntN(200_000), len(data)-off)
 		chunk := data[off : off+n]
-		if rng.IntN(3) > 0 || !isZero(chunk) {
+		if rng.IntN(3) > 0 || !zeros.All(chunk) {
 			if m, err := w.WriteAt(chunk, int64(off)); err != nil || m != n {
 				t.Fatalf("WriteAt(%d bytes, %d) = %d, %v", n, off, m, err)
 			}
@@ -276,7 +266,7 @@ func TestAllocatedClustersMatchQemu(t *testing.T) {
 	st := w.Stats()
 	var nonZero int64
 	for off := 0; off < len(data); off += 1 << 16 {
-		if !isZero(data[off : off+1<<16]) {
+		if !zeros.All(data[off : off+1<<16]) {
 			nonZero++
 		}
 	}

@@ -3,6 +3,7 @@ package store
 import (
 	"errors"
 	"fmt"
+	"github.com/nixvm-image/nixvm-image/qcow"
 	"os"
 
 	"github.com/lima-vm/go-qcow2reader"
@@ -21,6 +22,7 @@ func (g Generation) Open() (*Reader, error) {
 	if err != nil {
 		return nil, err
 	}
+	qcow.RegisterReaderCodecs()
 	img, err := qcow2reader.Open(f)
 	if err != nil {
 		return nil, errors.Join(fmt.Errorf("store: opening %s: %w", g.Path, err), f.Close())

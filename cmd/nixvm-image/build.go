@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -117,8 +118,55 @@ references); name it with --toplevel when the file describes several roots.`,
 }
 
 func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) error {
+	config, err := o.source(args)
+	if err != nil {
+		return err
+	}
+	opts, err := o.imageOptions()
+	if err != nil {
+		return err
+	}
+	log := c.Stderr
+	if o.quiet {
+		log = nil
+	}
+	var vmOpts vm.Options
+	if !o.noBootloader {
+		// Check the VM flags before a long evaluation.
+		if vmOpts, err = o.vmOptions("", opts.Epoch, nil); err != nil {
+			return err
+		}
+	}
+	toplevelFlag := o.toplevel
+	if config != "" || o.flake != "" {
+		top, cleanup, err := buildSystem(ctx, config, o.flake, opts.Layout, log)
+		if err != nil {
+			return err
+		}
+		defer cleanup()
+		toplevelFlag = top
+	}
+	if opts.Closure, opts.Toplevel, err = loadClosure(ctx, o.closure, toplevelFlag); err != nil {
+		return err
+	}
+	if !o.noBootloader {
+		vmOpts.Toplevel = opts.Toplevel
+		// Fail early, before the image is written, without a kernel.
+		if _, _, err := vmOpts.KernelAndModules(); err != nil {
+			return o.flagHint(err)
+		}
+	}
+	if o.dryRun {
+		return o.printDryRun(c.Stdout, vmOpts, opts)
+	}
+	return o.build(ctx, c, opts, vmOpts, log)
+}
+
+// source checks the arguments and the flags that name the system, and
+// returns CONFIG.nix ("" when none).
+func (o *buildOptions) source(args []string) (string, error) {
 	if len(args) > 1 {
-		return usagef("unexpected argument %q: give one CONFIG.nix", args[1])
+		return "", usagef("unexpected argument %q: give one CONFIG.nix", args[1])
 	}
 	config := ""
 	if len(args) == 1 {
@@ -131,136 +179,87 @@ func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) er
 		}
 	}
 	if sources > 1 {
-		return usagef("give one of CONFIG.nix, --flake, or --toplevel/--closure")
+		return "", usagef("give one of CONFIG.nix, --flake, or --toplevel/--closure")
 	}
 	if o.output == "" && !o.dryRun {
-		return usagef("--output (-o) is required: name the image file to write")
+		return "", usagef("--output (-o) is required: name the image file to write")
 	}
 	if sources == 0 {
-		return usagef("give a NixOS configuration (CONFIG.nix or --flake FLAKE#NAME), or a built system (--toplevel PATH or --closure FILE)")
+		return "", usagef("give a NixOS configuration (CONFIG.nix or --flake FLAKE#NAME), or a built system (--toplevel PATH or --closure FILE)")
 	}
-	layout, err := partition.ParseLayout(o.layout)
-	if err != nil {
-		return usagef("--layout: %v", err)
-	}
-	var size int64
-	if o.size != "auto" {
-		if size, err = parseSize(o.size); err != nil {
-			return usagef("--size %q: %v; use a size like 4G, or auto", o.size, err)
-		}
-	}
-	espSize, err := parseSize(o.espSize)
-	if err != nil {
-		return usagef("--esp-size %q: %v", o.espSize, err)
-	}
-	format := imagebuild.Format(o.format)
-	if format != imagebuild.FormatQcow2 && format != imagebuild.FormatRaw {
-		return usagef("--format %q: want qcow2 or raw", o.format)
-	}
-	var comp qcow.Compression
-	switch o.compression {
-	case "zstd":
-		comp = qcow.Zstd
-	case "zlib":
-		comp = qcow.Zlib
-	case "none":
-		comp = qcow.None
-	default:
-		return usagef("--compression %q: want zstd, zlib or none", o.compression)
-	}
-	if o.level != 0 && (comp != qcow.Zstd || o.level < 1 || o.level > 22) {
-		return usagef("--compression-level %d: want 1-22, with --compression zstd", o.level)
-	}
-	epoch := int64(1)
-	if s := os.Getenv("SOURCE_DATE_EPOCH"); s != "" {
-		if epoch, err = strconv.ParseInt(s, 10, 64); err != nil || epoch < 0 {
-			return fmt.Errorf("SOURCE_DATE_EPOCH=%q is not a number of seconds; unset it or fix it", s)
-		}
-	}
-	log := c.Stderr
-	if o.quiet {
-		log = nil
-	}
-	// Refuse an existing output before any work.
-	if !o.force && !o.dryRun {
-		if _, err := os.Lstat(o.output); err == nil {
-			return fmt.Errorf("%s exists; pass --force to replace it", o.output)
-		}
-	}
+	return config, nil
+}
 
-	var vmOpts vm.Options
-	if !o.noBootloader {
-		// Check the VM flags before a long evaluation.
-		if vmOpts, err = o.vmOptions("", epoch, nil); err != nil {
-			return err
+// imageOptions parses the image flags into the builder's options, checked
+// by the builder before any evaluation (all but the closure).
+func (o *buildOptions) imageOptions() (imagebuild.Options, error) {
+	opts := imagebuild.Options{Output: o.output, Force: o.force, Level: o.level, Workers: o.jobs}
+	var err error
+	if opts.Layout, err = partition.ParseLayout(o.layout); err != nil {
+		return opts, usagef("--layout: %v", err)
+	}
+	if o.size != "auto" {
+		if opts.Size, err = units.ParseSize(o.size); err != nil {
+			return opts, usagef("--size: %v; or auto", err)
 		}
 	}
-	toplevelFlag := o.toplevel
-	if config != "" || o.flake != "" {
-		top, cleanup, err := buildSystem(ctx, config, o.flake, layout, log)
-		if err != nil {
-			return err
-		}
-		defer cleanup()
-		toplevelFlag = top
+	if opts.ESPSize, err = units.ParseSize(o.espSize); err != nil {
+		return opts, usagef("--esp-size: %v", err)
 	}
-	closure, toplevel, err := loadClosure(ctx, o.closure, toplevelFlag)
-	if err != nil {
-		return err
+	if opts.Format, err = imagebuild.ParseFormat(o.format); err != nil {
+		return opts, usagef("--format: %v", err)
 	}
-	if !o.noBootloader {
-		vmOpts.Toplevel = toplevel
-		// Fail early, before the image is written, without a kernel.
-		if _, _, err := vmOpts.KernelAndModules(); err != nil {
-			return err
+	if opts.Compression, err = qcow.ParseCompression(o.compression); err != nil {
+		return opts, usagef("--compression: %v", err)
+	}
+	if opts.Epoch, err = sourceDateEpoch(); err != nil {
+		return opts, err
+	}
+	if err := opts.Validate(); err != nil {
+		return opts, o.flagHint(err)
+	}
+	if !o.dryRun {
+		// Refuse an existing output before any work.
+		if err := imagebuild.CheckOutput(o.output, o.force); err != nil {
+			return opts, o.flagHint(err)
 		}
 	}
-	if o.dryRun {
-		if o.noBootloader {
-			fmt.Fprintln(c.Stdout, "# --no-bootloader: no VM stage")
-			return nil
-		}
-		plan, err := partition.NewPlan(layout, 1<<30, espSize)
-		if err != nil {
-			return err
-		}
-		return printDryRun(c.Stdout, vmOpts, o.output, plan)
+	opts.Previous = previousImage(o)
+	return opts, nil
+}
+
+// sourceDateEpoch is SOURCE_DATE_EPOCH, default 1.
+func sourceDateEpoch() (int64, error) {
+	s := os.Getenv("SOURCE_DATE_EPOCH")
+	if s == "" {
+		return 1, nil
 	}
+	epoch, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || epoch < 0 {
+		return 0, fmt.Errorf("SOURCE_DATE_EPOCH=%q is not a number of seconds; unset it or fix it", s)
+	}
+	return epoch, nil
+}
+
+// build writes the image with progress and prints the summary line.
+func (o *buildOptions) build(ctx context.Context, c Context, opts imagebuild.Options, vmOpts vm.Options, log io.Writer) error {
 	var pr *progress
 	if !o.quiet {
 		pr = newProgress(c.Stderr, isTerminal(c.Stderr))
 		defer pr.finish()
-	}
-	opts := imagebuild.Options{
-		Closure:     closure,
-		Toplevel:    toplevel,
-		Output:      o.output,
-		Force:       o.force,
-		Layout:      layout,
-		Size:        size,
-		ESPSize:     espSize,
-		Format:      format,
-		Compression: comp,
-		Level:       o.level,
-		Workers:     o.jobs,
-		Epoch:       epoch,
-		Log:         logWriter(log, pr),
-		Previous:    previousImage(o),
-	}
-	if pr != nil {
 		opts.Progress = pr
 	}
+	opts.Log = logWriter(log, pr)
 	if !o.noBootloader {
-		vmLog := logWriter(log, pr)
-		vmOpts.Log = vmLog
-		opts.Bootloader = bootloaderHook(vmOpts, vmLog)
+		vmOpts.Log = opts.Log
+		opts.Bootloader = o.bootloaderHook(vmOpts, opts.Log)
 	}
 	res, err := imagebuild.Build(ctx, opts)
 	if pr != nil {
 		pr.finish()
 	}
 	if err != nil {
-		return err
+		return o.flagHint(err)
 	}
 	if !o.quiet {
 		secs := res.Duration.Seconds()
@@ -268,6 +267,27 @@ func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) er
 			res.Output, res.Paths, units.Bytes(res.NarBytes), units.Bytes(res.DiskSize), units.Bytes(res.OutputSize), res.Digest[:8], secs, float64(res.NarBytes)/1e6/max(secs, 1e-3))
 	}
 	return nil
+}
+
+// flagHint turns the libraries' typed errors into messages that name the
+// flag to change; bad flag values become usage errors (exit 2).
+func (o *buildOptions) flagHint(err error) error {
+	var size *imagebuild.SizeError
+	switch {
+	case errors.As(err, &size):
+		return fmt.Errorf("--size %s is too small for this closure (needs at least %s); use --size auto", o.size, units.Bytes(size.Min))
+	case errors.Is(err, imagebuild.ErrExist):
+		return fmt.Errorf("%w; pass --force to replace it", err)
+	case errors.Is(err, imagebuild.ErrPrevious):
+		return fmt.Errorf("--previous %s: %w; pass --previous none to lay out afresh", o.previous, err)
+	case errors.Is(err, qcow.ErrInvalidOptions):
+		return usageError{fmt.Errorf("--compression-level %d with --compression %s: %w", o.level, o.compression, err)}
+	case errors.Is(err, partition.ErrESPSize):
+		return usageError{fmt.Errorf("--esp-size %s: %w", o.espSize, err)}
+	case errors.Is(err, partition.ErrTooLarge):
+		return fmt.Errorf("%w; use --layout legacy+gpt", err)
+	}
+	return vmFlagHint(o, err)
 }
 
 // previousImage resolves --previous: auto is the output's manifest when the
@@ -315,9 +335,7 @@ func loadClosure(ctx context.Context, file, toplevel string) (*nixclosure.Closur
 			return nil, "", fmt.Errorf("--toplevel %s: %w", toplevel, err)
 		}
 	}
-	if err := c.Validate(); err != nil {
-		return nil, "", err
-	}
+	// Parse and FromToplevel have validated the closure.
 	if toplevel != "" {
 		if c.Lookup(toplevel) == nil {
 			return nil, "", fmt.Errorf("--toplevel %s is not in the closure %s", toplevel, file)
@@ -348,35 +366,4 @@ func closureRoots(c *nixclosure.Closure) []string {
 		}
 	}
 	return roots
-}
-
-// parseSize parses 4G, 512M, 1.5G, 4096 (bytes); binary units.
-func parseSize(s string) (int64, error) {
-	s = strings.TrimSpace(s)
-	if s == "" {
-		return 0, errors.New("empty size")
-	}
-	mult := int64(1)
-	u := strings.ToUpper(strings.TrimSuffix(strings.TrimSuffix(s, "B"), "i"))
-	if u == "" {
-		return 0, errors.New("no number")
-	}
-	switch u[len(u)-1] {
-	case 'K':
-		mult = 1 << 10
-	case 'M':
-		mult = 1 << 20
-	case 'G':
-		mult = 1 << 30
-	case 'T':
-		mult = 1 << 40
-	}
-	if mult > 1 {
-		u = u[:len(u)-1]
-	}
-	f, err := strconv.ParseFloat(u, 64)
-	if err != nil || f <= 0 {
-		return 0, errors.New("not a positive size")
-	}
-	return int64(f * float64(mult)), nil
 }

@@ -4,10 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -69,19 +67,7 @@ func mustRun(t *testing.T, name string, args ...string) string {
 	return string(testutil.Run(t, name, args...))
 }
 
-func sha256File(t *testing.T, name string) string {
-	t.Helper()
-	f, err := os.Open(name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil))
-}
+func sha256File(t *testing.T, name string) string { return testutil.SHA256File(t, name) }
 
 // TestBuildFixture builds the fixture closure in every layout and checks
 // the result with the reference tools.

@@ -8,6 +8,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/signal"
 	"runtime/pprof"
@@ -16,14 +17,35 @@ import (
 
 func main() {
 	// NIXVM_IMAGE_CPUPROFILE=FILE writes a CPU profile, for benchmarks.
-	if p := os.Getenv("NIXVM_IMAGE_CPUPROFILE"); p != "" {
-		if f, err := os.Create(p); err == nil {
-			pprof.StartCPUProfile(f)
-		}
-	}
+	stopProfile := startProfile(os.Getenv("NIXVM_IMAGE_CPUPROFILE"))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	code := Context{Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Args: os.Args[1:]}.Execute(ctx)
 	stop()
-	pprof.StopCPUProfile() // a no-op without NIXVM_IMAGE_CPUPROFILE
+	stopProfile()
 	os.Exit(code)
+}
+
+// startProfile starts a CPU profile into the file name ("" is none) and
+// returns what stops it. A profile that cannot be written is reported, not
+// fatal: it is a benchmark aid.
+func startProfile(name string) func() {
+	if name == "" {
+		return func() {}
+	}
+	f, err := os.Create(name)
+	if err == nil {
+		if err = pprof.StartCPUProfile(f); err != nil {
+			f.Close()
+		}
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nixvm-image: NIXVM_IMAGE_CPUPROFILE: %v\n", err)
+		return func() {}
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		if err := f.Close(); err != nil {
+			fmt.Fprintf(os.Stderr, "nixvm-image: NIXVM_IMAGE_CPUPROFILE: %v\n", err)
+		}
+	}
 }

@@ -1,12 +1,10 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -245,91 +243,4 @@ func (c *countConn) Write(p []byte) (int, error) {
 	n, err := c.rw.Write(p)
 	c.n.Add(int64(n))
 	return n, err
-}
-
-// progress draws one line per host: redrawn in place on a terminal, a
-// plain line every 5 s otherwise, nothing with --quiet.
-type hostProgress struct {
-	w     io.Writer
-	quiet bool
-	tty   bool
-	names []string
-	total []int64
-	done  []atomic.Int64
-	sent  []atomic.Int64
-	start time.Time
-}
-
-func newHostProgress(w io.Writer, quiet bool, names []string) *hostProgress {
-	return &hostProgress{w: w, quiet: quiet, tty: isTerminal(w), names: names,
-		total: make([]int64, len(names)), done: make([]atomic.Int64, len(names)),
-		sent: make([]atomic.Int64, len(names)), start: time.Now()}
-}
-
-func (p *hostProgress) line(i int) string {
-	done, total := p.done[i].Load(), p.total[i]
-	s := fmt.Sprintf("%-12s ", p.names[i])
-	if total > 0 {
-		frac := float64(done) / float64(total)
-		const width = 30
-		n := int(frac * width)
-		s += "[" + strings.Repeat("=", n) + strings.Repeat(" ", width-n) + fmt.Sprintf("] %3.0f%% ", 100*frac)
-	}
-	s += units.Bytes(done)
-	if sent := p.sent[i].Load(); sent > 0 {
-		s += ", sent " + units.Bytes(sent)
-	}
-	return s
-}
-
-// run starts drawing; the returned function stops and draws a last time.
-func (p *hostProgress) run(poll func()) func() {
-	if p.quiet {
-		return func() {}
-	}
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	drawn := false
-	draw := func() {
-		if poll != nil {
-			poll()
-		}
-		var b bytes.Buffer
-		if p.tty {
-			if drawn {
-				fmt.Fprintf(&b, "\x1b[%dA", len(p.names))
-			}
-			for i := range p.names {
-				fmt.Fprintf(&b, "\r\x1b[2K%s\n", p.line(i))
-			}
-		} else {
-			for i := range p.names {
-				fmt.Fprintf(&b, "%s\n", p.line(i))
-			}
-		}
-		drawn = true
-		p.w.Write(b.Bytes())
-	}
-	go func() {
-		defer wg.Done()
-		every := 5 * time.Second
-		if p.tty {
-			every = 200 * time.Millisecond
-		}
-		t := time.NewTicker(every)
-		defer t.Stop()
-		for {
-			select {
-			case <-stop:
-				if p.tty {
-					draw()
-				}
-				return
-			case <-t.C:
-				draw()
-			}
-		}
-	}()
-	return func() { close(stop); wg.Wait() }
 }

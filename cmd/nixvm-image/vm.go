@@ -2,12 +2,15 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"strings"
 
+	"github.com/nixvm-image/nixvm-image/imagebuild"
 	"github.com/nixvm-image/nixvm-image/imagebuild/vm"
+	"github.com/nixvm-image/nixvm-image/internal/shquote"
 	"github.com/nixvm-image/nixvm-image/partition"
 )
 
@@ -42,25 +45,56 @@ func (o *buildOptions) vmOptions(toplevel string, epoch int64, log io.Writer) (v
 	}, nil
 }
 
+// vmFlagHint names the VM stage's flags in its errors.
+func vmFlagHint(o *buildOptions, err error) error {
+	switch {
+	case errors.Is(err, vm.ErrNoKernel) && o.kernel != "":
+		return fmt.Errorf("--kernel: %w", err)
+	case errors.Is(err, vm.ErrNoKernel):
+		return fmt.Errorf("%w; pass --kernel (and --modules) to boot the VM stage with another, or --no-bootloader to skip it", err)
+	case errors.Is(err, vm.ErrNotNixOS):
+		return fmt.Errorf("%w; pass --no-bootloader to build an image without a boot loader", err)
+	case errors.Is(err, vm.ErrModules) && o.modules != "":
+		return fmt.Errorf("--modules %s: %w", o.modules, err)
+	case errors.Is(err, vm.ErrModules):
+		return fmt.Errorf("%w; pass --modules with the kernel's modules directory", err)
+	case errors.Is(err, vm.ErrTimeout):
+		return fmt.Errorf("%w\nthe guest was killed after --vm-timeout %s; raise it if the guest was still working", err, o.vmTimeout)
+	}
+	return err
+}
+
 // bootloaderHook is the imagebuild hook that runs the VM stage.
-func bootloaderHook(opts vm.Options, log io.Writer) func(ctx context.Context, raw *os.File, plan *partition.Plan) error {
+func (o *buildOptions) bootloaderHook(opts vm.Options, log io.Writer) func(ctx context.Context, raw *os.File, plan *partition.Plan) error {
 	return func(ctx context.Context, raw *os.File, plan *partition.Plan) error {
 		res, err := vm.Stage(ctx, opts, raw.Name(), plan)
 		if err != nil {
 			return err
 		}
-		if log != nil {
-			fmt.Fprintf(log, "bootloader: installed by switch-to-configuration in a %s VM in %.1fs\n", res.Accel, res.Duration.Seconds())
+		if log == nil {
+			return nil
+		}
+		fmt.Fprintf(log, "bootloader: installed by switch-to-configuration in a %s VM in %.1fs\n", res.Accel, res.Duration.Seconds())
+		if res.KVMProbeFailed {
+			fmt.Fprintf(log, "KVM did not start the guest here: --accel tcg skips the probe\n")
 		}
 		return nil
 	}
 }
 
 // printDryRun prints the QEMU command lines of the VM stage.
-func printDryRun(w io.Writer, opts vm.Options, output string, plan *partition.Plan) error {
-	p, err := vm.DryRun(opts, "DISK.raw", "INITRAMFS", plan)
+func (o *buildOptions) printDryRun(w io.Writer, vmOpts vm.Options, opts imagebuild.Options) error {
+	if o.noBootloader {
+		fmt.Fprintln(w, "# --no-bootloader: no VM stage")
+		return nil
+	}
+	plan, err := partition.NewPlan(opts.Layout, 1<<30, opts.ESPSize)
 	if err != nil {
-		return err
+		return o.flagHint(err)
+	}
+	p, err := vm.DryRun(vmOpts, "DISK.raw", "INITRAMFS", plan)
+	if err != nil {
+		return o.flagHint(err)
 	}
 	fmt.Fprintf(w, "# VM stage: guest mounts %s", p.Guest.Root)
 	if p.Guest.ESP != "" {
@@ -71,7 +105,7 @@ func printDryRun(w io.Writer, opts vm.Options, output string, plan *partition.Pl
 		if i > 0 {
 			fmt.Fprintf(w, "# if the guest does not start within the KVM probe time:\n")
 		}
-		fmt.Fprintln(w, vm.ShellQuote(vm.Cmdline(c)))
+		fmt.Fprintln(w, shquote.Join(vm.Cmdline(c)))
 	}
 	return nil
 }

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/imagebuild/vm"
+	"github.com/nixvm-image/nixvm-image/internal/shquote"
 	"github.com/nixvm-image/nixvm-image/partition"
 	nixfixture "github.com/nixvm-image/nixvm-image/testkit/fixture"
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
@@ -93,7 +94,7 @@ func bootMarker(t *testing.T, img string, efi bool) string {
 	s := strings.ReplaceAll(string(out), "\r", "")
 	if !strings.Contains(s, "@@nixvm-fixture-init bootable") {
 		t.Fatalf("the image did not boot to the fixture's init (%v); reproduce with:\n  %s\nserial output (tail):\n%s",
-			err, vm.ShellQuote(append([]string{qemu}, args...)), tail(s, 3000))
+			err, shquote.Join(append([]string{qemu}, args...)), tail(s, 3000))
 	}
 	return s
 }
@@ -325,7 +326,7 @@ func TestVMStageFailures(t *testing.T) {
 		{"switch fails", "fail", []string{"--vm-init", bin, "--accel", "tcg"},
 			[]string{"simulated failure: cannot install the boot loader", "exited with status 3"}, 3 * time.Minute},
 		{"guest hangs", "hang", []string{"--vm-init", bin, "--accel", "tcg", "--vm-timeout", "45s"},
-			[]string{"did not finish in time: killed after 45s (--vm-timeout)", "hanging on purpose", "reproduce the boot"}, 3 * time.Minute},
+			[]string{"did not finish in time: killed after 45s", "hanging on purpose", "reproduce the boot", "--vm-timeout 45s"}, 3 * time.Minute},
 		{"no kernel", "nokernel", []string{"--vm-init", bin},
 			[]string{"has no kernel", "pass --kernel"}, 30 * time.Second},
 		{"dynamic init", "ok", []string{"--vm-init", sh, "--accel", "tcg"},

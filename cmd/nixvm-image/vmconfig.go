@@ -10,7 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/nixvm-image/nixvm-image/imagebuild/vm"
+	"github.com/nixvm-image/nixvm-image/internal/shquote"
 	nixmodule "github.com/nixvm-image/nixvm-image/nix"
 	"github.com/nixvm-image/nixvm-image/partition"
 )
@@ -82,7 +82,7 @@ func buildSystem(ctx context.Context, config, flake string, layout partition.Lay
 		return "", nil, err
 	}
 	if log != nil {
-		fmt.Fprintf(log, "evaluating and building the system: %s\n", vm.ShellQuote(argv))
+		fmt.Fprintf(log, "evaluating and building the system: %s\n", shquote.Join(argv))
 	}
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	var stderr bytes.Buffer
@@ -102,7 +102,7 @@ func buildSystem(ctx context.Context, config, flake string, layout partition.Lay
 		if strings.Contains(msg, "nixpkgs/nixos") && strings.Contains(msg, "not found") {
 			hint = "\nnix-build cannot find <nixpkgs/nixos>: set NIX_PATH (e.g. NIX_PATH=nixpkgs=/path/to/nixpkgs), or use --flake"
 		}
-		return "", nil, fmt.Errorf("%s: %w\n%s%s", vm.ShellQuote(argv), err, strings.TrimSpace(msg), hint)
+		return "", nil, fmt.Errorf("%s: %w\n%s%s", shquote.Join(argv), err, strings.TrimSpace(msg), hint)
 	}
 	top, err := os.Readlink(outLink)
 	if err != nil {

@@ -43,23 +43,15 @@ func GuestMain() {
 
 const target = "/mnt"
 
+// guest mounts the image, runs the command in a chroot and returns its exit
+// status; the image is unmounted again whatever happened.
 func guest() (code int, err error) {
-	b, err := os.ReadFile("/" + guestConfigPath)
+	cfg, err := readGuestConfig()
 	if err != nil {
 		return 0, err
 	}
-	var cfg GuestConfig
-	if err := json.Unmarshal(b, &cfg); err != nil {
-		return 0, fmt.Errorf("%s: %w", guestConfigPath, err)
-	}
-	for _, m := range []struct{ src, dst, fs string }{
-		{"proc", "/proc", "proc"},
-		{"sysfs", "/sys", "sysfs"},
-		{"devtmpfs", "/dev", "devtmpfs"},
-	} {
-		if err := unix.Mount(m.src, m.dst, m.fs, unix.MS_NOSUID|unix.MS_NOEXEC, ""); err != nil {
-			return 0, fmt.Errorf("mount %s on %s: %w", m.fs, m.dst, err)
-		}
+	if err := mountKernelFS(); err != nil {
+		return 0, err
 	}
 	for _, m := range cfg.Modules {
 		if err := loadModule("/lib/modules/" + m); err != nil {
@@ -78,32 +70,65 @@ func guest() (code int, err error) {
 	}
 	var mounted []string
 	defer func() {
-		for i := len(mounted) - 1; i >= 0; i-- {
-			if uerr := unmount(mounted[i]); uerr != nil && err == nil {
-				err = uerr
-			}
-		}
-		if uerr := unmount(target); uerr != nil && err == nil {
+		if uerr := unmountAll(append([]string{target}, mounted...)); err == nil {
 			err = uerr
 		}
 	}()
+	if err := mountInImage(cfg, &mounted); err != nil {
+		return 0, err
+	}
+	return runInChroot(cfg)
+}
+
+func readGuestConfig() (*GuestConfig, error) {
+	b, err := os.ReadFile("/" + guestConfigPath)
+	if err != nil {
+		return nil, err
+	}
+	var cfg GuestConfig
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return nil, fmt.Errorf("%s: %w", guestConfigPath, err)
+	}
+	if len(cfg.Command) == 0 {
+		return nil, errors.New("BUG: no command")
+	}
+	return &cfg, nil
+}
+
+// mountKernelFS mounts /proc, /sys and /dev in the initramfs.
+func mountKernelFS() error {
+	for _, m := range []struct{ src, dst, fs string }{
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+		{"devtmpfs", "/dev", "devtmpfs"},
+	} {
+		if err := unix.Mount(m.src, m.dst, m.fs, unix.MS_NOSUID|unix.MS_NOEXEC, ""); err != nil {
+			return fmt.Errorf("mount %s on %s: %w", m.fs, m.dst, err)
+		}
+	}
+	return nil
+}
+
+// mountInImage mounts, below the image's root, the ESP on /boot (when the
+// layout has one), then what nixos-enter mounts: the guest's /dev, /proc
+// and /sys bound, and empty tmpfs on /run (switch-to-configuration's lock)
+// and /tmp. Each mount point is added to mounted as it is mounted.
+func mountInImage(cfg *GuestConfig, mounted *[]string) error {
 	if cfg.ESP != "" {
 		if err := waitFor(cfg.ESP, 5*time.Second); err != nil {
-			return 0, err
+			return err
 		}
 		dir := target + "/boot"
 		if err := mkdirIfMissing(dir, 0o755); err != nil {
-			return 0, err
+			return err
 		}
 		// The kernel's defaults, with the time zone pinned: FAT stores
 		// local time.
 		if err := unix.Mount(cfg.ESP, dir, "vfat", unix.MS_NOATIME, "tz=UTC"); err != nil {
-			return 0, fmt.Errorf("mount the ESP %s on /boot: %w", cfg.ESP, err)
+			return fmt.Errorf("mount the ESP %s on /boot: %w", cfg.ESP, err)
 		}
-		mounted = append(mounted, dir)
+		*mounted = append(*mounted, dir)
 	}
-	// As nixos-enter: the guest's /dev, /proc and /sys bound, and empty
-	// tmpfs on /run (switch-to-configuration's lock) and /tmp.
 	for _, m := range []struct {
 		src, dir, fs string
 		flags        uintptr
@@ -117,20 +142,23 @@ func guest() (code int, err error) {
 	} {
 		dst := target + m.dir
 		if err := mkdirIfMissing(dst, m.mode); err != nil {
-			return 0, err
+			return err
 		}
 		data := ""
 		if m.fs == "tmpfs" {
 			data = fmt.Sprintf("mode=%o", m.mode)
 		}
 		if err := unix.Mount(m.src, dst, m.fs, m.flags, data); err != nil {
-			return 0, fmt.Errorf("mount %s on %s: %w", m.src, m.dir, err)
+			return fmt.Errorf("mount %s on %s: %w", m.src, m.dir, err)
 		}
-		mounted = append(mounted, dst)
+		*mounted = append(*mounted, dst)
 	}
-	if len(cfg.Command) == 0 {
-		return 0, errors.New("BUG: no command")
-	}
+	return nil
+}
+
+// runInChroot runs cfg.Command in the image with its output on the
+// console and returns its exit status (128+N for a signal).
+func runInChroot(cfg *GuestConfig) (int, error) {
 	cmd := exec.Command(cfg.Command[0], cfg.Command[1:]...)
 	cmd.Path = cfg.Command[0] // resolved in the chroot, not here
 	cmd.Env = cfg.Env
@@ -139,7 +167,8 @@ func guest() (code int, err error) {
 	cmd.Stdout = os.Stdout
 	cmd.Stderr = os.Stdout // one stream keeps the order on the console
 	cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: target}
-	err = cmd.Run()
+	err := cmd.Run()
+	code := 0
 	var ee *exec.ExitError
 	switch {
 	case err == nil:
@@ -148,12 +177,22 @@ func guest() (code int, err error) {
 		if code < 0 {
 			code = 128 + int(ee.Sys().(syscall.WaitStatus).Signal())
 		}
-		err = nil
 	default:
 		return 0, fmt.Errorf("run %s in the image: %w", cfg.Command[0], err)
 	}
 	unix.Sync()
 	return code, nil
+}
+
+// unmountAll unmounts dirs in reverse order and returns the first error.
+func unmountAll(dirs []string) error {
+	var err error
+	for i := len(dirs) - 1; i >= 0; i-- {
+		if uerr := unmount(dirs[i]); uerr != nil && err == nil {
+			err = uerr
+		}
+	}
+	return err
 }
 
 func loadModule(path string) error {
@@ -163,7 +202,7 @@ func loadModule(path string) error {
 	}
 	defer f.Close()
 	if err := unix.FinitModule(int(f.Fd()), "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("load module %s: %w (do the kernel and its modules match? see --kernel and --modules)", filepath.Base(path), err)
+		return fmt.Errorf("load module %s: %w (do the kernel and its modules match?)", filepath.Base(path), err)
 	}
 	return nil
 }

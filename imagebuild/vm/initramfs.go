@@ -29,34 +29,9 @@ type Module struct {
 // neither file lists. Compressed modules (.ko.zst in Go, .ko.xz with the xz
 // tool) are decompressed on the host: the guest loads plain ELF.
 func Modules(modulesDir string, names []string, optional map[string]bool) ([]Module, error) {
-	dep, err := os.ReadFile(filepath.Join(modulesDir, "modules.dep"))
+	db, err := readModulesDep(modulesDir)
 	if err != nil {
-		return nil, fmt.Errorf("vm: kernel modules: %w", err)
-	}
-	norm := func(s string) string { return strings.ReplaceAll(s, "-", "_") }
-	modName := func(p string) string {
-		b := filepath.Base(p)
-		if i := strings.Index(b, ".ko"); i >= 0 {
-			b = b[:i]
-		}
-		return norm(b)
-	}
-	paths := map[string]string{}
-	deps := map[string][]string{}
-	for _, line := range strings.Split(string(dep), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		n := modName(k)
-		paths[n] = k
-		deps[n] = strings.Fields(v)
-	}
-	builtin := map[string]bool{}
-	if b, err := os.ReadFile(filepath.Join(modulesDir, "modules.builtin")); err == nil {
-		for _, l := range strings.Fields(string(b)) {
-			builtin[modName(l)] = true
-		}
+		return nil, err
 	}
 	var order []string
 	seen := map[string]bool{}
@@ -66,14 +41,14 @@ func Modules(modulesDir string, names []string, optional map[string]bool) ([]Mod
 			return nil
 		}
 		seen[n] = true
-		if _, ok := paths[n]; !ok {
-			if builtin[n] || optional[n] {
+		if _, ok := db.paths[n]; !ok {
+			if db.builtin[n] || optional[n] {
 				return nil
 			}
-			return fmt.Errorf("vm: kernel module %s%s is neither in %s/modules.dep nor in modules.builtin; give --modules a directory that has it", n, from, modulesDir)
+			return fmt.Errorf("%w: %s%s is neither in %s/modules.dep nor in modules.builtin", ErrModules, n, from, modulesDir)
 		}
-		for _, d := range deps[n] {
-			if err := visit(modName(d), " (needed by "+n+")"); err != nil {
+		for _, d := range db.deps[n] {
+			if err := visit(moduleName(d), " (needed by "+n+")"); err != nil {
 				return err
 			}
 		}
@@ -81,19 +56,61 @@ func Modules(modulesDir string, names []string, optional map[string]bool) ([]Mod
 		return nil
 	}
 	for _, n := range names {
-		if err := visit(norm(n), ""); err != nil {
+		if err := visit(normModule(n), ""); err != nil {
 			return nil, err
 		}
 	}
 	mods := make([]Module, 0, len(order))
 	for _, n := range order {
-		data, err := readModule(filepath.Join(modulesDir, paths[n]))
+		data, err := readModule(filepath.Join(modulesDir, db.paths[n]))
 		if err != nil {
 			return nil, err
 		}
 		mods = append(mods, Module{Name: n + ".ko", Data: data})
 	}
 	return mods, nil
+}
+
+// modulesDep is what modules.dep and modules.builtin say, by module name.
+type modulesDep struct {
+	paths   map[string]string   // file, relative to the modules directory
+	deps    map[string][]string // files of its dependencies
+	builtin map[string]bool
+}
+
+func readModulesDep(dir string) (*modulesDep, error) {
+	dep, err := os.ReadFile(filepath.Join(dir, "modules.dep"))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrModules, err)
+	}
+	db := &modulesDep{paths: map[string]string{}, deps: map[string][]string{}, builtin: map[string]bool{}}
+	for _, line := range strings.Split(string(dep), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		n := moduleName(k)
+		db.paths[n] = k
+		db.deps[n] = strings.Fields(v)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "modules.builtin")); err == nil {
+		for _, l := range strings.Fields(string(b)) {
+			db.builtin[moduleName(l)] = true
+		}
+	}
+	return db, nil
+}
+
+// normModule writes a module name with '_' only, as the kernel does.
+func normModule(s string) string { return strings.ReplaceAll(s, "-", "_") }
+
+// moduleName is the module name of a module file's path.
+func moduleName(p string) string {
+	b := filepath.Base(p)
+	if i := strings.Index(b, ".ko"); i >= 0 {
+		b = b[:i]
+	}
+	return normModule(b)
 }
 
 func readModule(path string) ([]byte, error) {

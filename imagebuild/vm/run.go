@@ -26,6 +26,52 @@ type outcome struct {
 // tailLines is how much guest output an error carries.
 const tailLines = 40
 
+// console reads the guest's serial output: it records the markers and the
+// last lines in out and copies the other lines to log, prefixed.
+type console struct {
+	mu      sync.Mutex
+	out     outcome
+	log     io.Writer
+	started chan struct{} // closed when the start marker arrives
+}
+
+func (c *console) read(r io.Reader) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		c.line(stripControl(strings.TrimRight(sc.Text(), "\r")))
+	}
+	io.Copy(io.Discard, r)
+}
+
+func (c *console) line(line string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := &c.out
+	switch {
+	case strings.Contains(line, markerStart):
+		if !out.started {
+			out.started = true
+			close(c.started)
+		}
+	case strings.Contains(line, markerExit):
+		v := strings.TrimSpace(line[strings.Index(line, markerExit)+len(markerExit):])
+		if n, err := strconv.Atoi(v); err == nil {
+			out.exit, out.exited = n, true
+		}
+	case strings.Contains(line, markerError):
+		out.errMsg = strings.TrimSpace(line[strings.Index(line, markerError)+len(markerError):])
+	case strings.TrimSpace(line) != "":
+		out.tail = append(out.tail, line)
+		if len(out.tail) > tailLines {
+			out.tail = out.tail[1:]
+		}
+		if c.log != nil {
+			fmt.Fprintf(c.log, "guest: %s\n", line)
+		}
+	}
+}
+
 // boot runs QEMU once. probe > 0 kills it when the start marker has not
 // arrived after probe (errProbe). Guest output goes to log, prefixed.
 func boot(parent context.Context, argv []string, log io.Writer, timeout, probe time.Duration) (*outcome, error) {
@@ -40,45 +86,11 @@ func boot(parent context.Context, argv []string, log io.Writer, timeout, probe t
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("vm: start %s: %w", argv[0], err)
 	}
-	out := &outcome{}
-	var mu sync.Mutex
-	startedCh := make(chan struct{})
+	con := &console{log: log, started: make(chan struct{})}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		sc := bufio.NewScanner(pr)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			line := strings.TrimRight(sc.Text(), "\r")
-			line = stripControl(line)
-			mu.Lock()
-			switch {
-			case strings.Contains(line, markerStart):
-				if !out.started {
-					out.started = true
-					close(startedCh)
-				}
-			case strings.Contains(line, markerExit):
-				v := strings.TrimSpace(line[strings.Index(line, markerExit)+len(markerExit):])
-				if n, err := strconv.Atoi(v); err == nil {
-					out.exit, out.exited = n, true
-				}
-			case strings.Contains(line, markerError):
-				out.errMsg = strings.TrimSpace(line[strings.Index(line, markerError)+len(markerError):])
-			default:
-				if strings.TrimSpace(line) != "" {
-					out.tail = append(out.tail, line)
-					if len(out.tail) > tailLines {
-						out.tail = out.tail[1:]
-					}
-					if log != nil {
-						fmt.Fprintf(log, "guest: %s\n", line)
-					}
-				}
-			}
-			mu.Unlock()
-		}
-		io.Copy(io.Discard, pr)
+		con.read(pr)
 	}()
 	waitErr := make(chan error, 1)
 	go func() {
@@ -86,7 +98,24 @@ func boot(parent context.Context, argv []string, log io.Writer, timeout, probe t
 		pw.Close()
 		waitErr <- err
 	}()
+	reason, err := watch(parent, cancel, waitErr, con.started, timeout, probe)
+	<-done
+	con.mu.Lock()
+	defer con.mu.Unlock()
+	out := con.out
+	if reason != nil {
+		return &out, reason
+	}
+	if err != nil && !out.exited && out.errMsg == "" {
+		return &out, fmt.Errorf("vm: %s: %w", argv[0], err)
+	}
+	return &out, nil
+}
 
+// watch waits for QEMU to exit (its error is err) and kills it (cancel)
+// when the start marker is late (errProbe), the guest runs out of time
+// (ErrTimeout) or parent is done (its error): the reason it was killed.
+func watch(parent context.Context, cancel func(), waitErr <-chan error, started <-chan struct{}, timeout, probe time.Duration) (reason, err error) {
 	var probeC <-chan time.Time
 	if probe > 0 {
 		t := time.NewTimer(probe)
@@ -95,16 +124,13 @@ func boot(parent context.Context, argv []string, log io.Writer, timeout, probe t
 	}
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
-	var reason error
-	var err error
 	parentDone := parent.Done()
-loop:
 	for {
 		select {
 		case err = <-waitErr:
-			break loop
-		case <-startedCh:
-			startedCh = nil
+			return reason, err
+		case <-started:
+			started = nil
 			probeC = nil
 		case <-probeC:
 			reason = errProbe
@@ -121,16 +147,6 @@ loop:
 			cancel()
 		}
 	}
-	<-done
-	mu.Lock()
-	defer mu.Unlock()
-	if reason != nil {
-		return out, reason
-	}
-	if err != nil && !out.exited && out.errMsg == "" {
-		return out, fmt.Errorf("vm: %s: %w", argv[0], err)
-	}
-	return out, nil
 }
 
 var errProbe = errors.New("vm: KVM probe: no sign of the guest")

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nixvm-image/nixvm-image/internal/shquote"
 	"github.com/nixvm-image/nixvm-image/partition"
 )
 
@@ -88,15 +89,15 @@ func (o *Options) KernelAndModules() (kernel, modules string, err error) {
 	if kernel == "" {
 		kernel = filepath.Join(o.Toplevel, "kernel")
 		if _, err := os.Stat(kernel); err != nil {
-			return "", "", fmt.Errorf("%w: the system %s has no kernel (%v); pass --kernel (and --modules) to boot the VM stage with another, or --no-bootloader to skip it", ErrNoKernel, o.Toplevel, err)
+			return "", "", fmt.Errorf("%w: the system %s has no kernel: %w", ErrNoKernel, o.Toplevel, err)
 		}
 	} else if _, err := os.Stat(kernel); err != nil {
-		return "", "", fmt.Errorf("%w: --kernel: %v", ErrNoKernel, err)
+		return "", "", fmt.Errorf("%w: %w", ErrNoKernel, err)
 	}
 	if o.Toplevel != "" {
 		stc := filepath.Join(o.Toplevel, Command[0][len("/nix/var/nix/profiles/system"):])
 		if _, err := os.Stat(stc); err != nil {
-			return "", "", fmt.Errorf("%w: the system %s has no %s: it is not a NixOS system; pass --no-bootloader to build an image without a boot loader", ErrNotNixOS, o.Toplevel, stc[len(o.Toplevel)+1:])
+			return "", "", fmt.Errorf("%w: the system %s has no %s", ErrNotNixOS, o.Toplevel, stc[len(o.Toplevel)+1:])
 		}
 	}
 	modules = o.Modules
@@ -121,9 +122,9 @@ func modulesDir(dir string) (string, error) {
 	case 1:
 		return filepath.Dir(rels[0]), nil
 	case 0:
-		return "", fmt.Errorf("vm: no kernel modules: neither %s/modules.dep nor %s/lib/modules/*/modules.dep exists; pass --modules", dir, dir)
+		return "", fmt.Errorf("%w: neither %s/modules.dep nor %s/lib/modules/*/modules.dep exists", ErrModules, dir, dir)
 	}
-	return "", fmt.Errorf("vm: %s holds modules for several kernels (%s); pass --modules with one of them", dir, strings.Join(rels, ", "))
+	return "", fmt.Errorf("%w: %s holds modules for several kernels (%s): name one of them", ErrModules, dir, strings.Join(rels, ", "))
 }
 
 // devices returns the guest's root and ESP device nodes for plan.
@@ -184,11 +185,15 @@ type Result struct {
 	Accel    Accel         // the accelerator that ran the guest
 	Duration time.Duration // wall time, initramfs included
 	Boot     time.Duration // wall time of the successful boot
+	// KVMProbeFailed says that with AccelAuto, KVM did not start the guest
+	// within ProbeTimeout and the stage fell back to TCG.
+	KVMProbeFailed bool
 }
 
 // Stage installs the boot loader into the raw disk at disk, laid out as plan:
-// it boots the VM and runs switch-to-configuration boot in the image.
-func Stage(ctx context.Context, opts Options, disk string, plan *partition.Plan) (*Result, error) {
+// it boots the VM and runs switch-to-configuration boot in the image, then
+// normalises what the guest's kernel wrote (normalize.go).
+func Stage(ctx context.Context, opts Options, disk string, plan *partition.Plan) (res *Result, err error) {
 	start := time.Now()
 	if err := opts.defaults(); err != nil {
 		return nil, err
@@ -197,53 +202,90 @@ func Stage(ctx context.Context, opts Options, disk string, plan *partition.Plan)
 	if err != nil {
 		return nil, err
 	}
-	init := opts.Init
-	if init == "" {
-		if init, err = os.Executable(); err != nil {
-			return nil, fmt.Errorf("vm: find the running executable for the VM's /init: %w", err)
-		}
-	}
-	if err := CheckStatic(init); err != nil {
-		return nil, err
-	}
-	initData, err := os.ReadFile(init)
-	if err != nil {
-		return nil, fmt.Errorf("vm: %w", err)
-	}
 	root, esp := devices(plan)
-	names := moduleNames
-	if esp != "" {
-		names = append(names[:len(names):len(names)], espModuleNames...)
-	}
-	mods, err := Modules(modDir, names, optionalModules)
+	guest := GuestConfig{Root: root, ESP: esp, Command: Command, Env: Env}
+	initrd, nmods, err := stageInitramfs(opts, modDir, filepath.Dir(disk), guest)
 	if err != nil {
 		return nil, err
 	}
-	rd, err := os.CreateTemp(filepath.Dir(disk), ".nixvm-vm-initramfs-*")
-	if err != nil {
-		return nil, fmt.Errorf("vm: %w", err)
-	}
-	defer os.Remove(rd.Name())
-	err = WriteInitramfs(rd, initData, mods, GuestConfig{Root: root, ESP: esp, Command: Command, Env: Env})
-	if cerr := rd.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return nil, fmt.Errorf("vm: write the initramfs: %w", err)
-	}
+	defer func() {
+		if rerr := os.Remove(initrd); rerr != nil && err == nil {
+			res, err = nil, fmt.Errorf("vm: remove the initramfs: %w", rerr)
+		}
+	}()
 
 	f, err := os.OpenFile(disk, os.O_RDWR, 0)
 	if err != nil {
 		return nil, fmt.Errorf("vm: %w", err)
 	}
-	defer f.Close()
+	defer f.Close() // on errors; closed and checked below
 	snap, err := snapshotExt4(f, plan.Root.Start)
 	if err != nil {
 		return nil, err
 	}
+	cfg := Config{QEMU: opts.QEMU, Kernel: kernel, Initrd: initrd, Disk: disk, MemoryMiB: opts.MemoryMiB, Epoch: opts.Epoch}
+	if res, err = bootStage(ctx, opts, cfg, nmods); err != nil {
+		return nil, err
+	}
+	st, err := snap.restore(f, opts.Epoch)
+	if err != nil {
+		return nil, err
+	}
+	if err := f.Close(); err != nil {
+		return nil, fmt.Errorf("vm: %w", err)
+	}
+	fmt.Fprintf(opts.Log, "vm: normalised the root file system: %d inode timestamps clamped to %d, journal and superblock times restored\n", st.Inodes, opts.Epoch)
+	res.Duration = time.Since(start)
+	return res, nil
+}
 
-	cfg := Config{QEMU: opts.QEMU, Kernel: kernel, Initrd: rd.Name(), Disk: disk, MemoryMiB: opts.MemoryMiB, Epoch: opts.Epoch}
+// stageInitramfs writes the stage's initramfs into a temporary file in dir:
+// the static /init, the modules that mounting the image needs, and guest.
+// It returns the file's name and the number of modules.
+func stageInitramfs(opts Options, modDir, dir string, guest GuestConfig) (string, int, error) {
+	init := opts.Init
+	if init == "" {
+		var err error
+		if init, err = os.Executable(); err != nil {
+			return "", 0, fmt.Errorf("vm: find the running executable for the VM's /init: %w", err)
+		}
+	}
+	if err := CheckStatic(init); err != nil {
+		return "", 0, err
+	}
+	initData, err := os.ReadFile(init)
+	if err != nil {
+		return "", 0, fmt.Errorf("vm: %w", err)
+	}
+	names := moduleNames
+	if guest.ESP != "" {
+		names = append(names[:len(names):len(names)], espModuleNames...)
+	}
+	mods, err := Modules(modDir, names, optionalModules)
+	if err != nil {
+		return "", 0, err
+	}
+	rd, err := os.CreateTemp(dir, ".nixvm-vm-initramfs-*")
+	if err != nil {
+		return "", 0, fmt.Errorf("vm: %w", err)
+	}
+	err = WriteInitramfs(rd, initData, mods, guest)
+	if cerr := rd.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(rd.Name())
+		return "", 0, fmt.Errorf("vm: write the initramfs: %w", err)
+	}
+	return rd.Name(), len(mods), nil
+}
+
+// bootStage boots cfg (an initramfs with nmods modules) with each
+// accelerator of opts in turn until one starts the guest, and checks what
+// the guest reported.
+func bootStage(ctx context.Context, opts Options, cfg Config, nmods int) (*Result, error) {
 	list := accels(opts.Accel)
+	probeFailed := false
 	for i, a := range list {
 		cfg.Accel = a
 		argv := Cmdline(cfg)
@@ -251,38 +293,43 @@ func Stage(ctx context.Context, opts Options, disk string, plan *partition.Plan)
 		if i < len(list)-1 {
 			probe = opts.ProbeTimeout
 		}
-		fmt.Fprintf(opts.Log, "vm: booting %s with %s (%d modules, timeout %s)\n", kernel, a, len(mods), opts.Timeout)
+		fmt.Fprintf(opts.Log, "vm: booting %s with %s (%d modules, timeout %s)\n", cfg.Kernel, a, nmods, opts.Timeout)
 		bootStart := time.Now()
 		out, err := boot(ctx, argv, opts.Log, opts.Timeout, probe)
 		if i < len(list)-1 && (errors.Is(err, errProbe) || (out != nil && !out.started)) {
-			fmt.Fprintf(opts.Log, "vm: KVM did not start the guest within %s (/dev/kvm exists but does not work here); falling back to TCG, use --accel tcg to skip the probe\n", opts.ProbeTimeout)
+			fmt.Fprintf(opts.Log, "vm: KVM did not start the guest within %s (/dev/kvm exists but does not work here); falling back to TCG\n", opts.ProbeTimeout)
+			probeFailed = true
 			continue
 		}
-		res := &Result{Accel: a, Boot: time.Since(bootStart)}
-		repro := "\nreproduce the boot with (the initramfs is deleted; keep it with a copy):\n  " + ShellQuote(argv)
-		if err != nil {
-			if errors.Is(err, ErrTimeout) {
-				return nil, fmt.Errorf("%w: killed after %s (--vm-timeout); the guest's last output:\n%s%s", ErrTimeout, opts.Timeout, indent(out.tail), repro)
-			}
-			return nil, fmt.Errorf("%w; the guest's last output:\n%s%s", err, indent(out.tail), repro)
-		}
-		switch {
-		case out.errMsg != "":
-			return nil, fmt.Errorf("%w: %s; the guest's last output:\n%s%s", ErrGuestError, out.errMsg, indent(out.tail), repro)
-		case !out.exited:
-			return nil, fmt.Errorf("%w; the guest's last output:\n%s%s", ErrNoExitStatus, indent(out.tail), repro)
-		case out.exit != 0:
-			return nil, fmt.Errorf("%w: %s exited with status %d; its output:\n%s", ErrGuestFailed, strings.Join(Command, " "), out.exit, indent(out.tail))
-		}
-		st, err := snap.restore(f, opts.Epoch)
-		if err != nil {
+		if err := guestError(out, err, argv, opts.Timeout); err != nil {
 			return nil, err
 		}
-		fmt.Fprintf(opts.Log, "vm: normalised the root file system: %d inode timestamps clamped to %d, journal and superblock times restored\n", st.Inodes, opts.Epoch)
-		res.Duration = time.Since(start)
-		return res, nil
+		return &Result{Accel: a, Boot: time.Since(bootStart), KVMProbeFailed: probeFailed}, nil
 	}
 	return nil, errors.New("vm: BUG: no accelerator tried")
+}
+
+// guestError is the error of a boot that did not end with
+// switch-to-configuration's exit status 0, with the guest's last output and
+// the QEMU command line that reproduces it.
+func guestError(out *outcome, err error, argv []string, timeout time.Duration) error {
+	if out == nil {
+		return err
+	}
+	repro := "\nreproduce the boot with (the initramfs is deleted; keep it with a copy):\n  " + shquote.Join(argv)
+	switch {
+	case errors.Is(err, ErrTimeout):
+		return fmt.Errorf("%w: killed after %s; the guest's last output:\n%s%s", ErrTimeout, timeout, indent(out.tail), repro)
+	case err != nil:
+		return fmt.Errorf("%w; the guest's last output:\n%s%s", err, indent(out.tail), repro)
+	case out.errMsg != "":
+		return fmt.Errorf("%w: %s; the guest's last output:\n%s%s", ErrGuestError, out.errMsg, indent(out.tail), repro)
+	case !out.exited:
+		return fmt.Errorf("%w; the guest's last output:\n%s%s", ErrNoExitStatus, indent(out.tail), repro)
+	case out.exit != 0:
+		return fmt.Errorf("%w: %s exited with status %d; its output:\n%s", ErrGuestFailed, strings.Join(Command, " "), out.exit, indent(out.tail))
+	}
+	return nil
 }
 
 func indent(lines []string) string {

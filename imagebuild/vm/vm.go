@@ -66,6 +66,7 @@ func ParseAccel(s string) (Accel, error) {
 var (
 	ErrAccel        = errors.New("vm: unknown accelerator")
 	ErrNoKernel     = errors.New("vm: no kernel")
+	ErrModules      = errors.New("vm: kernel modules not found")
 	ErrNotNixOS     = errors.New("vm: not a NixOS system")
 	ErrNotStatic    = errors.New("vm: the VM's /init is not a static binary")
 	ErrTimeout      = errors.New("vm: the guest did not finish in time")
@@ -127,17 +128,4 @@ func Cmdline(cfg Config) []string {
 		"-kernel", cfg.Kernel, "-initrd", cfg.Initrd, "-append", appendLine,
 		"-drive", "if=virtio,format=raw,cache=unsafe,file=" + strings.ReplaceAll(cfg.Disk, ",", ",,"),
 	}
-}
-
-// ShellQuote renders argv as a command line a shell runs unchanged.
-func ShellQuote(argv []string) string {
-	q := make([]string, len(argv))
-	for i, a := range argv {
-		if a != "" && strings.Trim(a, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_=/.,:+@") == "" {
-			q[i] = a
-		} else {
-			q[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
-		}
-	}
-	return strings.Join(q, " ")
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/nixvm-image/nixvm-image/cpio"
 	"github.com/nixvm-image/nixvm-image/ext4"
+	"github.com/nixvm-image/nixvm-image/internal/shquote"
 	"github.com/nixvm-image/nixvm-image/partition"
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
@@ -53,12 +55,12 @@ func TestCmdline(t *testing.T) {
 					item = "\x00" + k + "\x00" + v + "\x00"
 				}
 				if !strings.Contains(joined, item) {
-					t.Errorf("argv lacks %q:\n%s", w, ShellQuote(argv))
+					t.Errorf("argv lacks %q:\n%s", w, shquote.Join(argv))
 				}
 			}
 			for _, n := range tc.not {
 				if strings.Contains(joined, n) {
-					t.Errorf("argv has %q:\n%s", n, ShellQuote(argv))
+					t.Errorf("argv has %q:\n%s", n, shquote.Join(argv))
 				}
 			}
 			for _, must := range []string{"-no-reboot", "-nodefaults", "-nographic"} {
@@ -78,14 +80,6 @@ func TestParseAccel(t *testing.T) {
 	}
 	if _, err := ParseAccel("hvf"); !errors.Is(err, ErrAccel) || !strings.Contains(err.Error(), `got "hvf"`) {
 		t.Errorf("ParseAccel(hvf): got %v, want ErrAccel naming the value", err)
-	}
-}
-
-func TestShellQuote(t *testing.T) {
-	got := ShellQuote([]string{"qemu", "-append", "a b", "it's", ""})
-	want := `qemu -append 'a b' 'it'\''s' ''`
-	if got != want {
-		t.Errorf("got %s, want %s", got, want)
 	}
 }
 
@@ -138,11 +132,11 @@ func TestModules(t *testing.T) {
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("got %v, want %v (dependencies first, zstd decompressed, built-in and optional skipped)", got, want)
 	}
-	if _, err := Modules(dir, []string{"nope"}, nil); err == nil || !strings.Contains(err.Error(), "--modules") {
-		t.Errorf("missing module: got %v, want an error naming --modules", err)
+	if _, err := Modules(dir, []string{"nope"}, nil); !errors.Is(err, ErrModules) || !strings.Contains(err.Error(), "nope") {
+		t.Errorf("missing module: got %v, want ErrModules naming it", err)
 	}
-	if _, err := Modules(t.TempDir(), []string{"a"}, nil); err == nil {
-		t.Error("no modules.dep: got no error")
+	if _, err := Modules(t.TempDir(), []string{"a"}, nil); !errors.Is(err, ErrModules) {
+		t.Errorf("no modules.dep: got %v, want ErrModules", err)
 	}
 }
 
@@ -158,11 +152,11 @@ func TestModulesDir(t *testing.T) {
 	}
 	os.MkdirAll(filepath.Join(dir, "lib/modules/6.2"), 0o755)
 	os.WriteFile(filepath.Join(dir, "lib/modules/6.2/modules.dep"), nil, 0o644)
-	if _, err := modulesDir(dir); err == nil || !strings.Contains(err.Error(), "several kernels") {
-		t.Errorf("two releases: got %v, want an error", err)
+	if _, err := modulesDir(dir); !errors.Is(err, ErrModules) || !strings.Contains(err.Error(), "several kernels") {
+		t.Errorf("two releases: got %v, want ErrModules", err)
 	}
-	if _, err := modulesDir(t.TempDir()); err == nil || !strings.Contains(err.Error(), "--modules") {
-		t.Errorf("none: got %v, want an error naming --modules", err)
+	if _, err := modulesDir(t.TempDir()); !errors.Is(err, ErrModules) {
+		t.Errorf("none: got %v, want ErrModules", err)
 	}
 }
 
@@ -309,7 +303,7 @@ func TestStageFakeQEMU(t *testing.T) {
 		{"ok", AccelTCG, nil, []string{"guest: switch-to-configuration: installed", "guest: SeaBIOS (version x)"}},
 		{"fail", AccelTCG, ErrGuestFailed, []string{"status 3", "simulated failure"}},
 		{"error", AccelTCG, ErrGuestError, []string{"no such device", "reproduce the boot"}},
-		{"hang", AccelTCG, ErrTimeout, []string{"--vm-timeout", "hanging"}},
+		{"hang", AccelTCG, ErrTimeout, []string{"killed after 2s", "hanging"}},
 		{"silent", AccelTCG, ErrNoExitStatus, nil},
 		{"kvmhang", AccelAuto, nil, []string{"falling back to TCG"}},
 	} {
@@ -332,8 +326,8 @@ func TestStageFakeQEMU(t *testing.T) {
 				if err != nil {
 					t.Fatalf("%v\nlog:\n%s", err, log.String())
 				}
-				if res.Accel != AccelTCG {
-					t.Errorf("accel: got %s, want tcg", res.Accel)
+				if res.Accel != AccelTCG || res.KVMProbeFailed != (tc.accel == AccelAuto) {
+					t.Errorf("accel: got %s (KVM probe failed: %v), want tcg (%v)", res.Accel, res.KVMProbeFailed, tc.accel == AccelAuto)
 				}
 			} else if !errors.Is(err, tc.wantErr) {
 				t.Fatalf("got %v, want %v\nlog:\n%s", err, tc.wantErr, log.String())
@@ -397,5 +391,43 @@ func TestStageCancel(t *testing.T) {
 	}
 	if d := time.Since(start); d > 10*time.Second {
 		t.Errorf("cancel took %s", d)
+	}
+}
+
+// TestModulesCompressed resolves modules from a made-up modules.dep whose
+// files are .ko.zst and .ko.xz, as other distributions ship them.
+func TestModulesCompressed(t *testing.T) {
+	testutil.NeedTool(t, "xz", "zstd")
+	dir := t.TempDir()
+	write := func(rel, content string) {
+		p := filepath.Join(dir, rel)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("kernel/a/base.ko", "\x7fELF base")
+	write("kernel/b/mid-dep.ko", "\x7fELF mid")
+	write("kernel/c/top.ko", "\x7fELF top")
+	for _, argv := range [][]string{{"zstd", "-q", "--rm", "kernel/b/mid-dep.ko"}, {"xz", "-q", "kernel/c/top.ko"}} {
+		cmd := exec.Command(argv[0], argv[1:]...)
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", argv, err, out)
+		}
+	}
+	write("modules.dep", "kernel/c/top.ko.xz: kernel/b/mid-dep.ko.zst kernel/a/base.ko\nkernel/b/mid-dep.ko.zst: kernel/a/base.ko\nkernel/a/base.ko:\n")
+	write("modules.builtin", "kernel/x/builtin_one.ko\n")
+	mods, err := Modules(dir, []string{"top", "builtin-one"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, m := range mods {
+		got = append(got, m.Name+"="+string(m.Data))
+	}
+	want := []string{"base.ko=\x7fELF base", "mid_dep.ko=\x7fELF mid", "top.ko=\x7fELF top"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got %q, want %q", got, want)
 	}
 }

@@ -2,7 +2,7 @@
 // (scripts/demo-grow): it copies a built image onto a larger disk the way a
 // host provisions a guest (qemu-img convert, then qemu-img resize), boots a
 // QEMU TCG guest (the host's Debian kernel and a busybox initramfs carrying
-// nixvm-resize, see testkit/vmtest) that mounts the file system labelled
+// nixvm-resize, see internal/busyboxvm) that mounts the file system labelled
 // nixos, runs df -h, nixvm-resize and df -h again, and returns what the
 // guest printed.
 //
@@ -16,15 +16,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/nixvm-image/nixvm-image/testkit/vmtest"
+	"github.com/nixvm-image/nixvm-image/internal/busyboxvm"
+	"github.com/nixvm-image/nixvm-image/internal/shquote"
 )
 
 // ErrGuest is returned when the guest did not grow the file system.
@@ -75,119 +76,158 @@ fi
 // Grow writes the grown copy of opts.Image to opts.Output and boots the
 // guest that grows it.
 func Grow(ctx context.Context, opts GrowOptions) (*GrowResult, error) {
-	if opts.Image == "" || opts.Output == "" || opts.Resize == "" {
-		return nil, errors.New("demo: BUG: Image, Output and Resize are required")
-	}
-	if opts.Factor == 0 {
-		opts.Factor = 4
-	}
-	if opts.Factor < 1 {
-		return nil, fmt.Errorf("demo: factor %d: want at least 1", opts.Factor)
-	}
-	if opts.Timeout == 0 {
-		opts.Timeout = 5 * time.Minute
-	}
-	run := func(argv ...string) ([]byte, error) {
-		if opts.Command != nil {
-			opts.Command(argv)
-		}
-		cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			return nil, fmt.Errorf("demo: %s: %v: %s", vmtest.ShellQuote(argv), err, strings.TrimSpace(stderr.String()))
-		}
-		return out, nil
+	if err := opts.defaults(); err != nil {
+		return nil, err
 	}
 	res := &GrowResult{}
-	out, err := run("qemu-img", "info", "--output=json", opts.Image)
+	var err error
+	if res.BuiltSize, err = opts.copyGrown(ctx); err != nil {
+		return nil, err
+	}
+	res.GrownSize = opts.Factor * res.BuiltSize
+	dir, err := os.MkdirTemp("", "nixvm-demo-grow-")
 	if err != nil {
 		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	cfg, err := opts.guest(dir)
+	if err != nil {
+		return nil, err
+	}
+	res.QEMU = busyboxvm.Cmdline(cfg)
+	if opts.Command != nil {
+		opts.Command(res.QEMU)
+	}
+	res.Serial, err = busyboxvm.Run(ctx, cfg, opts.Timeout)
+	res.Transcript = transcript(res.Serial)
+	if err != nil {
+		return res, err
+	}
+	return res, res.report()
+}
+
+func (o *GrowOptions) defaults() error {
+	if o.Image == "" || o.Output == "" || o.Resize == "" {
+		return errors.New("demo: BUG: Image, Output and Resize are required")
+	}
+	if o.Factor == 0 {
+		o.Factor = 4
+	}
+	if o.Factor < 1 {
+		return fmt.Errorf("demo: factor %d: want at least 1", o.Factor)
+	}
+	if o.Timeout == 0 {
+		o.Timeout = 5 * time.Minute
+	}
+	return nil
+}
+
+// run runs a host command, told to o.Command first, and returns its output.
+func (o *GrowOptions) run(ctx context.Context, argv ...string) ([]byte, error) {
+	if o.Command != nil {
+		o.Command(argv)
+	}
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("demo: %s: %v: %s", shquote.Join(argv), err, strings.TrimSpace(stderr.String()))
+	}
+	return out, nil
+}
+
+// copyGrown copies the image to the output as qcow2, as a host provisions a
+// guest, grows it Factor times, and returns the image's virtual size.
+func (o *GrowOptions) copyGrown(ctx context.Context) (int64, error) {
+	out, err := o.run(ctx, "qemu-img", "info", "--output=json", o.Image)
+	if err != nil {
+		return 0, err
 	}
 	var info struct {
 		VirtualSize int64  `json:"virtual-size"`
 		Format      string `json:"format"`
 	}
 	if err := json.Unmarshal(out, &info); err != nil {
-		return nil, fmt.Errorf("demo: qemu-img info %s: %w", opts.Image, err)
+		return 0, fmt.Errorf("demo: qemu-img info %s: %w", o.Image, err)
 	}
-	res.BuiltSize, res.GrownSize = info.VirtualSize, opts.Factor*info.VirtualSize
-	os.Remove(opts.Output)
-	if _, err := run("qemu-img", "convert", "-f", info.Format, "-O", "qcow2", opts.Image, opts.Output); err != nil {
-		return nil, err
+	if err := os.Remove(o.Output); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return 0, fmt.Errorf("demo: %w", err)
 	}
-	if _, err := run("qemu-img", "resize", "-q", "-f", "qcow2", opts.Output, strconv.FormatInt(res.GrownSize, 10)); err != nil {
-		return nil, err
+	if _, err := o.run(ctx, "qemu-img", "convert", "-f", info.Format, "-O", "qcow2", o.Image, o.Output); err != nil {
+		return 0, err
 	}
+	if _, err := o.run(ctx, "qemu-img", "resize", "-q", "-f", "qcow2", o.Output, strconv.FormatInt(o.Factor*info.VirtualSize, 10)); err != nil {
+		return 0, err
+	}
+	return info.VirtualSize, nil
+}
 
-	kernel, release, err := findKernel(opts.Kernel)
+// guest writes the initramfs into dir and returns the boot of the grown
+// disk.
+func (o *GrowOptions) guest(dir string) (busyboxvm.Config, error) {
+	kernel, release, err := busyboxvm.FindKernel(o.Kernel)
 	if err != nil {
-		return nil, err
+		return busyboxvm.Config{}, err
 	}
-	mods, err := vmtest.Modules(filepath.Join("/lib/modules", release), "virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+	mods, err := busyboxvm.Modules(filepath.Join("/lib/modules", release), "virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
 	if err != nil {
-		return nil, err
+		return busyboxvm.Config{}, err
 	}
-	dir, err := os.MkdirTemp("", "nixvm-demo-grow-")
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(dir)
 	initrd := filepath.Join(dir, "initrd.cpio")
 	f, err := os.Create(initrd)
 	if err != nil {
-		return nil, err
+		return busyboxvm.Config{}, err
 	}
-	err = vmtest.BuildInitramfs(f, vmtest.InitramfsConfig{
+	err = busyboxvm.BuildInitramfs(f, busyboxvm.InitramfsConfig{
 		Modules: mods,
-		Files:   []vmtest.File{{Path: "bin/nixvm-resize", HostPath: opts.Resize}},
+		Files:   []busyboxvm.File{{Path: "bin/nixvm-resize", HostPath: o.Resize}},
 		Script:  guestScript,
 	})
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
 	if err != nil {
-		return nil, err
+		return busyboxvm.Config{}, err
 	}
-	cfg := vmtest.Config{Kernel: kernel, Initrd: initrd, Disks: []vmtest.Disk{{Path: opts.Output, Format: "qcow2"}}}
-	res.QEMU = vmtest.Cmdline(cfg)
-	if opts.Command != nil {
-		opts.Command(res.QEMU)
-	}
-	res.Serial, err = vmtest.Run(ctx, cfg, opts.Timeout)
+	return busyboxvm.Config{Kernel: kernel, Initrd: initrd, Disks: []busyboxvm.Disk{{Path: o.Output, Format: "qcow2"}}}, nil
+}
+
+// transcript is the guest's "| " lines: df -h, nixvm-resize, df -h.
+func transcript(serial string) string {
 	var lines []string
-	for _, l := range strings.Split(res.Serial, "\n") {
+	for _, l := range strings.Split(serial, "\n") {
 		if t, ok := strings.CutPrefix(strings.TrimSpace(l), "| "); ok {
 			lines = append(lines, t)
 		} else if strings.TrimSpace(l) == "|" {
 			lines = append(lines, "")
 		}
 	}
-	res.Transcript = strings.Join(lines, "\n") + "\n"
-	if err != nil {
-		return res, err
+	return strings.Join(lines, "\n") + "\n"
+}
+
+// report reads the guest's markers into r and checks that it grew.
+func (r *GrowResult) report() error {
+	if e := busyboxvm.Markers(r.Serial, "demo-error"); len(e) > 0 {
+		return fmt.Errorf("%w: %s", ErrGuest, e[0])
 	}
-	if e := vmtest.Markers(res.Serial, "demo-error"); len(e) > 0 {
-		return res, fmt.Errorf("%w: %s", ErrGuest, e[0])
-	}
-	before, after := vmtest.Markers(res.Serial, "demo-before"), vmtest.Markers(res.Serial, "demo-after")
+	before, after := busyboxvm.Markers(r.Serial, "demo-before"), busyboxvm.Markers(r.Serial, "demo-after")
 	if len(before) != 1 || len(after) != 1 {
-		return res, fmt.Errorf("%w: no report from the guest", ErrGuest)
+		return fmt.Errorf("%w: no report from the guest", ErrGuest)
 	}
-	res.BeforeKiB, _ = strconv.ParseInt(before[0], 10, 64)
+	r.BeforeKiB, _ = strconv.ParseInt(before[0], 10, 64)
 	var rc string
 	if f := strings.Fields(after[0]); len(f) == 2 {
 		rc = f[0]
-		res.AfterKiB, _ = strconv.ParseInt(f[1], 10, 64)
+		r.AfterKiB, _ = strconv.ParseInt(f[1], 10, 64)
 	}
 	if rc != "0" {
-		return res, fmt.Errorf("%w: nixvm-resize exited with status %s", ErrGuest, rc)
+		return fmt.Errorf("%w: nixvm-resize exited with status %s", ErrGuest, rc)
 	}
-	if res.Factor() > 1 && res.AfterKiB <= res.BeforeKiB {
-		return res, fmt.Errorf("%w: df: got %d KiB after, want more than %d", ErrGuest, res.AfterKiB, res.BeforeKiB)
+	if r.Factor() > 1 && r.AfterKiB <= r.BeforeKiB {
+		return fmt.Errorf("%w: df: got %d KiB after, want more than %d", ErrGuest, r.AfterKiB, r.BeforeKiB)
 	}
-	return res, nil
+	return nil
 }
 
 // Factor is the grown disk's size over the built one's.
@@ -196,25 +236,4 @@ func (r *GrowResult) Factor() int64 {
 		return 0
 	}
 	return r.GrownSize / r.BuiltSize
-}
-
-// findKernel returns the kernel to boot and its release: want, else
-// NIXVM_VMTEST_KERNEL, else the newest /boot/vmlinuz-* that has a
-// /lib/modules directory.
-func findKernel(want string) (string, string, error) {
-	if want == "" {
-		want = os.Getenv("NIXVM_VMTEST_KERNEL")
-	}
-	if want != "" {
-		return want, strings.TrimPrefix(filepath.Base(want), "vmlinuz-"), nil
-	}
-	cands, _ := filepath.Glob("/boot/vmlinuz-*")
-	sort.Sort(sort.Reverse(sort.StringSlice(cands)))
-	for _, c := range cands {
-		rel := strings.TrimPrefix(filepath.Base(c), "vmlinuz-")
-		if _, err := os.Stat(filepath.Join("/lib/modules", rel, "modules.dep")); err == nil {
-			return c, rel, nil
-		}
-	}
-	return "", "", errors.New("demo: no /boot/vmlinuz-* with /lib/modules/<release>/modules.dep: install linux-image-amd64 or set NIXVM_VMTEST_KERNEL")
 }

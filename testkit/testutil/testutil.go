@@ -9,6 +9,9 @@ package testutil
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
 	"os"
 	"os/exec"
 	"strings"
@@ -93,4 +96,20 @@ func Run(t testing.TB, name string, args ...string) []byte {
 		t.Fatalf("%s: %v\n%s", strings.Join(cmd.Args, " "), err, stderr.String())
 	}
 	return stdout.Bytes()
+}
+
+// SHA256File returns the hex SHA-256 of the file at name, failing the test
+// when it cannot be read.
+func SHA256File(t testing.TB, name string) string {
+	t.Helper()
+	f, err := os.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }

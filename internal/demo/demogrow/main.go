@@ -18,7 +18,8 @@ import (
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/internal/demo"
-	"github.com/nixvm-image/nixvm-image/testkit/vmtest"
+	"github.com/nixvm-image/nixvm-image/internal/shquote"
+	"github.com/nixvm-image/nixvm-image/internal/units"
 )
 
 func main() {
@@ -45,7 +46,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if opts.Output == "" {
 		opts.Output = trimExt(opts.Image) + "-grown.qcow2"
 	}
-	opts.Command = func(argv []string) { fmt.Fprintf(stdout, "$ %s\n", vmtest.ShellQuote(argv)) }
+	opts.Command = func(argv []string) { fmt.Fprintf(stdout, "$ %s\n", shquote.Join(argv)) }
 	fmt.Fprintf(stdout, "== copy %s onto a disk %dx its size, boot a QEMU TCG guest (Debian kernel, busybox initramfs with nixvm-resize)\n", opts.Image, opts.Factor)
 	start := time.Now()
 	res, err := demo.Grow(context.Background(), opts)
@@ -60,7 +61,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	fmt.Fprintf(stdout, "== disk %s -> %s; root file system %s -> %s (df); grown image: %s\n",
-		human(res.BuiltSize), human(res.GrownSize), human(res.BeforeKiB<<10), human(res.AfterKiB<<10), opts.Output)
+		units.Bytes(res.BuiltSize), units.Bytes(res.GrownSize), units.Bytes(res.BeforeKiB<<10), units.Bytes(res.AfterKiB<<10), opts.Output)
 	return 0
 }
 
@@ -71,14 +72,4 @@ func trimExt(p string) string {
 		}
 	}
 	return p
-}
-
-func human(n int64) string {
-	switch {
-	case n >= 1<<30:
-		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
-	case n >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
-	}
-	return fmt.Sprintf("%d KiB", n>>10)
 }
