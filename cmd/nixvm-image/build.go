@@ -44,6 +44,7 @@ type buildOptions struct {
 	vmTimeout time.Duration
 	vmInit    string
 	dryRun    bool
+	nix       nixOptions // CONFIG.nix and --flake: flags for Nix (nixflags.go)
 }
 
 func (o *buildOptions) AddFlags(fs *pflag.FlagSet) {
@@ -68,6 +69,7 @@ func (o *buildOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.vmTimeout, "vm-timeout", vm.DefaultTimeout, "kill the VM stage's guest after this long")
 	fs.StringVar(&o.vmInit, "vm-init", "", "static nixvm-image binary used as the VM's /init (default: this executable, which must be static: CGO_ENABLED=0)")
 	fs.BoolVar(&o.dryRun, "dry-run", false, "print the VM stage's QEMU command line and write nothing")
+	o.nix.AddFlags(fs)
 }
 
 func init() {
@@ -197,11 +199,14 @@ func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) er
 	}
 	toplevelFlag := o.toplevel
 	if config != "" || o.flake != "" {
-		top, cleanup, err := buildSystem(ctx, config, o.flake, layout, log)
+		top, cleanup, err := o.nix.buildSystem(ctx, config, o.flake, layout, o.dryRun, c.Stdout, log)
 		if err != nil {
 			return err
 		}
 		defer cleanup()
+		if top == "" {
+			return nil // --dry-run of a system that is not built
+		}
 		toplevelFlag = top
 	}
 	closure, toplevel, err := loadClosure(ctx, o.closure, toplevelFlag)
