@@ -25,9 +25,9 @@ type nixOptions struct {
 
 func (o *nixOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringArrayVarP(&o.include, "include", "I", nil, "`PATH` for Nix's search path, e.g. -I nixpkgs=/src/nixpkgs (nix -I); repeatable")
-	fs.StringArrayVar(&o.args, "arg", nil, "`NAME=EXPR`: nix --arg NAME EXPR, an argument of <nixpkgs/nixos> for CONFIG.nix (e.g. --arg system '\"aarch64-linux\"'); repeatable")
-	fs.StringArrayVar(&o.argstrs, "argstr", nil, "`NAME=VALUE`: nix --argstr NAME VALUE, e.g. --argstr system aarch64-linux; repeatable")
-	fs.StringArrayVar(&o.options, "option", nil, "`NAME=VALUE`: nix --option NAME VALUE, e.g. --option substituters ''; repeatable")
+	fs.StringArrayVar(&o.args, "arg", nil, "`NAME=EXPR`, nix's --arg NAME EXPR as one word: an argument of <nixpkgs/nixos> for CONFIG.nix, e.g. --arg 'system=\"aarch64-linux\"'; repeatable")
+	fs.StringArrayVar(&o.argstrs, "argstr", nil, "`NAME=VALUE`, nix's --argstr NAME VALUE as one word, e.g. --argstr system=aarch64-linux; repeatable")
+	fs.StringArrayVar(&o.options, "option", nil, "`NAME=VALUE`, nix's --option NAME VALUE as one word, e.g. --option max-jobs=4; repeatable")
 	fs.BoolVar(&o.showTrace, "show-trace", false, "nix --show-trace: show the evaluation's trace on errors")
 	fs.BoolVar(&o.impure, "impure", false, "nix --impure for CONFIG.nix (a --flake is always evaluated with --impure: the build adds its module to it)")
 	fs.StringVar(&o.outLink, "out-link", "", "keep the built system: a GC root at `PATH` (nix-build --out-link); default: removed after the build")
