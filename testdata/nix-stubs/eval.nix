@@ -110,7 +110,7 @@ let
   };
 
   # Every domain XML the module can write: each disk type, network type and
-  # firmware, for both domain types.
+  # firmware, for both domain types (guest name -> the XML file).
   matrix = domainType:
     let
       guests = b.listToAttrs (lib.concatMap (disk: lib.concatMap (net: map (fw: {
@@ -126,8 +126,12 @@ let
         };
       }) [ "bios" "efi" ]) [ "direct" "bridge" "network" ]) [ "pool" "device" "file" "overlay" ]);
     in
-    b.mapAttrs (n: u: drvsOf u.serviceConfig.ExecStartPre)
+    b.mapAttrs (n: u: domainXML (b.head (drvsOf u.serviceConfig.ExecStartPre)))
       (lib.filterAttrs (n: u: u.serviceConfig ? ExecStartPre) (evalHost { inherit guests domainType; }).definitions.systemd.services);
+  # The domain XML a start script defines, read from its derivation.
+  domainXML = drv:
+    let m = b.match ".*(/nix/store/[a-z0-9]+-nixvm-guest-[^ \"\\]*[.]xml).*" (b.readFile drv); in
+    if m == null then throw "no domain XML in ${drv}" else b.head m;
 
   failedAssertions = e: map (a: a.message) (b.filter (a: !a.assertion) e.definitions.assertions);
   noPath = evalHost { guests.nopath = { memory = 1; diskSize = "1G"; mac = "52:54:00:00:00:09"; disk.type = "device"; }; };
