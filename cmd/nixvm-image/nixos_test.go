@@ -391,7 +391,8 @@ func vmtestVirtualSize(t *testing.T, img string) int64 {
 // TestHybridBoots builds --layout hybrid through CONFIG.nix: the guest
 // module asks for GRUB for BIOS and for UEFI (efiSupport,
 // efiInstallAsRemovable), and the image boots from its own boot loader
-// under SeaBIOS and under OVMF.
+// under SeaBIOS and under OVMF, in QEMU and as the host module's guest
+// under libvirtd (firmware = "bios" and "efi").
 func TestHybridBoots(t *testing.T) {
 	needVM(t)
 	testdata := fakeNixpkgs(t)
@@ -420,4 +421,6 @@ func TestHybridBoots(t *testing.T) {
 			t.Logf("hybrid image booted under %s", name)
 		}
 	}
+	// And as the host module's guest under libvirtd, firmware bios and efi.
+	checkLibvirtBoots(t, img)
 }
