@@ -96,6 +96,10 @@ func TestBuildConfigNix(t *testing.T) {
 	testdata := fakeNixpkgs(t)
 	bin := staticNixvmImage(t)
 	resize := staticResize(t)
+	// The CLI's evaluation directory goes to a temp dir of this test's own,
+	// which must be empty afterwards (other processes share os.TempDir()).
+	tmp := t.TempDir()
+	t.Setenv("TMPDIR", tmp)
 
 	dir := t.TempDir()
 	img := filepath.Join(dir, "baseline.qcow2")
@@ -120,8 +124,8 @@ func TestBuildConfigNix(t *testing.T) {
 	if err != nil || !strings.HasPrefix(top, "/nix/store/") || !strings.HasSuffix(top, "-nixos-system-baseline-fake") {
 		t.Fatalf("--out-link %s: %q, %v; want the built system", link, top, err)
 	}
-	if m, _ := filepath.Glob(filepath.Join(os.TempDir(), "nixvm-image-eval-*")); len(m) != 0 {
-		t.Errorf("evaluation directories left behind: %v", m)
+	if m, _ := filepath.Glob(filepath.Join(tmp, "*")); len(m) != 0 {
+		t.Errorf("evaluation left files behind in TMPDIR: %v", m)
 	}
 
 	// The dry run of the system just built evaluates it, prints the build

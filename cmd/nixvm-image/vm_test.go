@@ -34,12 +34,7 @@ func staticNixvmImage(t *testing.T) string {
 	t.Helper()
 	goTool := testutil.NeedTool(t, "go")[0]
 	staticOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "nixvm-vmtest-")
-		if err != nil {
-			staticErr = err
-			return
-		}
-		staticBin = filepath.Join(dir, "nixvm-image")
+		staticBin = filepath.Join(testProcessDir, "nixvm-image")
 		cmd := exec.Command(goTool, "build", "-trimpath", "-o", staticBin, ".")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
