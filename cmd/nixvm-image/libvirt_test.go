@@ -45,8 +45,10 @@ func libvirtSession(t *testing.T) (string, func(args ...string) (string, error))
 	}
 	uid, _ := strconv.Atoi(nobody.Uid)
 	gid, _ := strconv.Atoi(nobody.Gid)
-	// Unix socket paths are limited to 108 bytes: keep the directory short.
-	dir, err := os.MkdirTemp("", "lvq")
+	// Unix socket paths are limited to 108 bytes and libvirt makes long ones
+	// (XDG_CONFIG_HOME/libvirt/qemu/channel/target/domain-…/org.qemu.guest_agent.0):
+	// the directory is in /tmp itself, whatever TMPDIR says, and removed.
+	dir, err := os.MkdirTemp("/tmp", "lv")
 	if err != nil {
 		t.Fatal(err)
 	}
