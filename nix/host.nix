@@ -14,31 +14,53 @@
 #     fourth drawback). A clean stop leaves the unit inactive; a crash fails it.
 #   - Stopping the unit asks the guest to shut down (ACPI), waits
 #     shutdownTimeout seconds, then destroys the domain.
+#   - A rebuild does not restart running guests (restartIfChanged = false, as
+#     libvirtd.nix does for libvirtd and libvirt-guests): a changed guest
+#     definition takes effect at the guest's next start by its unit (a reboot
+#     inside the guest keeps the running definition). To apply it now:
+#       systemctl restart nixvm-guest-NAME
+#     which shuts the guest down gracefully, defines the new domain and
+#     starts it. restartIfChanged = true per guest restores systemd's default.
 #   - A guest removed from the configuration is stopped when its unit goes
 #     away; its domain definition and its disk are kept (the seed's choice:
 #     nothing deletes itself). `nixvm-orphans` lists such domains: defined in
 #     libvirt, created by this module (they carry its metadata element), no
 #     longer configured.
+#   - firmware = "efi" boots the domain with UEFI (images built with
+#     --layout efi; hybrid boots either way): libvirt picks the OVMF that
+#     virtualisation.libvirtd provides (<os firmware="efi">, firmware
+#     autoselection), without secure boot, and keeps the guest's NVRAM.
+#   - The units start after libvirtd and libvirt-guests and so stop before
+#     them at host shutdown: a unit shuts its guest down, so libvirt-guests'
+#     onShutdown (suspend by default) never applies to these guests, and
+#     onBoot finds them shut off and leaves them to their units.
 #   - The host image store (/var/lib/nixvm-image/images, filled by
 #     `nixvm-image push`) and a gc timer running `nixvm-image gc`, which never
 #     removes the current generation or one that a guest disk uses.
 #
 # Pools named by guests must exist (e.g. `virsh pool-define-as guests logical
 # --source-name vg0`, or virtualisation.libvirtd's own pool setup).
-{ config, lib, pkgs, ... }:
+{ config, lib, pkgs, utils, ... }:
 let
   cfg = config.services.nixvm;
   inherit (lib) mkOption mkEnableOption mkIf types;
 
-  virsh = "${cfg.libvirtPackage}/bin/virsh";
   nixvm = "${cfg.package}/bin/nixvm-image";
   metadataNS = "https://github.com/nixvm-image/nixvm-image/host";
   q = lib.escapeShellArg;
+  # Guest names make unit, domain and volume names: a strict pattern.
+  namePattern = "[A-Za-z0-9][A-Za-z0-9_.-]{0,62}";
 
   xmlEscape = lib.replaceStrings [ "&" "<" ">" "\"" "'" ] [ "&amp;" "&lt;" "&gt;" "&quot;" "&apos;" ];
 
   guestModule = { name, ... }: {
     options = {
+      name = mkOption {
+        type = types.strMatching namePattern;
+        default = name;
+        defaultText = lib.literalExpression "<name>";
+        description = "The domain's name (the attribute name by default): letters, digits, `.`, `_`, `-`, at most 63, as a unit and volume name allows.";
+      };
       memory = mkOption {
         type = types.ints.positive;
         example = 4096;
@@ -89,7 +111,7 @@ let
           type = types.nullOr types.str;
           default = null;
           example = "/dev/vg0/guest-${name}";
-          description = "The device or file, for the other types (default: under /var/lib/libvirt/images).";
+          description = "The block device (required for type device: an LVM volume /dev/VG/LV is created when missing) or the file (types file and overlay; default under /var/lib/libvirt/images).";
         };
       };
       network = {
@@ -104,6 +126,25 @@ let
           example = "enp30s0";
           description = "The host NIC (direct), bridge (bridge) or libvirt network name (network).";
         };
+      };
+      firmware = mkOption {
+        type = types.enum [ "bios" "efi" ];
+        default = "bios";
+        description = ''
+          The firmware the domain boots with: "bios" (SeaBIOS) for images built with
+          --layout legacy or legacy+gpt, "efi" (OVMF, chosen by libvirt's firmware
+          autoselection from what virtualisation.libvirtd provides, secure boot off)
+          for --layout efi; --layout hybrid boots with either.
+        '';
+      };
+      restartIfChanged = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Restart the guest when a rebuild changes its unit. Off by default: a change
+          takes effect at the guest's next start by its unit; apply it at once with
+          `systemctl restart nixvm-guest-NAME`.
+        '';
       };
       autostart = mkOption {
         type = types.bool;
@@ -178,10 +219,18 @@ let
       </metadata>
       <memory unit="MiB">${toString g.memory}</memory>
       <vcpu>${toString g.vcpus}</vcpu>
+      ${if g.firmware == "efi" then ''
+      <os firmware="efi">
+        <type arch="x86_64" machine="q35">hvm</type>
+        <firmware>
+          <feature enabled="no" name="secure-boot"/>
+        </firmware>
+        <boot dev="hd"/>
+      </os>'' else ''
       <os>
         <type arch="x86_64" machine="q35">hvm</type>
         <boot dev="hd"/>
-      </os>
+      </os>''}
       <features>
         <acpi/>
       </features>
@@ -202,78 +251,108 @@ let
     </domain>
   '';
 
+  # The guests' scripts: writeShellApplication runs them with errexit,
+  # nounset and pipefail, with runtimeInputs on PATH, and shellchecks them.
+  guestInputs = [ cfg.libvirtPackage config.virtualisation.libvirtd.qemu.package pkgs.coreutils pkgs.gnused pkgs.lvm2 ];
+
   # Provision the disk, define the domain (keeping its UUID), start it.
-  startScript = name: g: pkgs.writeShellScript "nixvm-guest-${name}-start" ''
-    set -euo pipefail
-    ${nixvm} ${lib.escapeShellArgs (provisionArgs name g)}
-    uuid=$(${virsh} domuuid ${q name} 2>/dev/null || true)
-    xml=$(mktemp)
-    trap 'rm -f "$xml"' EXIT
-    if [ -n "$uuid" ]; then
-      sed "s/@UUID@/$uuid/" ${domainXML name g} > "$xml"
-    else
-      sed '/@UUID@/d' ${domainXML name g} > "$xml"
-    fi
-    ${virsh} define "$xml" >/dev/null
-    state=$(${virsh} domstate ${q name})
-    if [ "$state" != running ]; then
-      ${virsh} start ${q name}
-    fi
-  '';
+  startScript = name: g: pkgs.writeShellApplication {
+    name = "nixvm-guest-${name}-start";
+    runtimeInputs = guestInputs;
+    text = ''
+      ${nixvm} ${lib.escapeShellArgs (provisionArgs name g)}
+      uuid=$(virsh domuuid ${q name} 2>/dev/null || true)
+      xml=$(mktemp)
+      trap 'rm -f "$xml"' EXIT
+      if [ -n "$uuid" ]; then
+        sed "s/@UUID@/$uuid/" ${domainXML name g} > "$xml"
+      else
+        sed '/@UUID@/d' ${domainXML name g} > "$xml"
+      fi
+      virsh define "$xml" >/dev/null
+      state=$(virsh domstate ${q name})
+      if [ "$state" != running ]; then
+        virsh start ${q name}
+      fi
+    '';
+  };
 
   # The unit's main process: exits when the domain is no longer running
   # (0 when it shut off, 1 when it crashed or vanished). It re-checks the
   # state after every lifecycle event and every 30 s, so a stop between two
   # `virsh event` calls is seen too.
-  waitScript = name: pkgs.writeShellScript "nixvm-guest-${name}-wait" ''
-    set -u
-    while :; do
-      state=$(${virsh} domstate ${q name} 2>/dev/null || echo missing)
-      case "$state" in
-        running|paused|blocked|"in shutdown"|pmsuspended) ;;
-        "shut off") echo "domain ${name} shut off"; exit 0 ;;
-        *) echo "domain ${name} is $state"; exit 1 ;;
-      esac
-      ${virsh} event --domain ${q name} --event lifecycle --timeout 30 >/dev/null 2>&1 || sleep 1
-    done
-  '';
+  waitScript = name: pkgs.writeShellApplication {
+    name = "nixvm-guest-${name}-wait";
+    runtimeInputs = guestInputs;
+    text = ''
+      while :; do
+        state=$(virsh domstate ${q name} 2>/dev/null || echo missing)
+        case "$state" in
+          running|paused|blocked|"in shutdown"|pmsuspended) ;;
+          "shut off") echo "domain ${name} shut off"; exit 0 ;;
+          *) echo "domain ${name} is $state"; exit 1 ;;
+        esac
+        virsh event --domain ${q name} --event lifecycle --timeout 30 >/dev/null 2>&1 || sleep 1
+      done
+    '';
+  };
 
   # Graceful shutdown with a timeout, then destroy.
-  stopScript = name: g: pkgs.writeShellScript "nixvm-guest-${name}-stop" ''
-    set -u
-    running() {
-      case "$(${virsh} domstate ${q name} 2>/dev/null || echo missing)" in
-        "shut off"|missing|crashed) return 1 ;;
-        *) return 0 ;;
-      esac
-    }
-    running || exit 0
-    ${virsh} shutdown ${q name} >/dev/null 2>&1 || true
-    deadline=$(( $(date +%s) + ${toString g.shutdownTimeout} ))
-    while running; do
-      if [ "$(date +%s)" -ge "$deadline" ]; then
-        echo "domain ${name} did not shut down in ${toString g.shutdownTimeout}s: destroying it"
-        ${virsh} destroy ${q name} || true
-        break
-      fi
-      ${virsh} event --domain ${q name} --event lifecycle --timeout 2 >/dev/null 2>&1 || sleep 1
-    done
-  '';
+  stopScript = name: g: pkgs.writeShellApplication {
+    name = "nixvm-guest-${name}-stop";
+    runtimeInputs = guestInputs;
+    text = ''
+      running() {
+        case "$(virsh domstate ${q name} 2>/dev/null || echo missing)" in
+          "shut off"|missing|crashed) return 1 ;;
+          *) return 0 ;;
+        esac
+      }
+      running || exit 0
+      virsh shutdown ${q name} >/dev/null 2>&1 || true
+      deadline=$(( $(date +%s) + ${toString g.shutdownTimeout} ))
+      while running; do
+        if [ "$(date +%s)" -ge "$deadline" ]; then
+          echo "domain ${name} did not shut down in ${toString g.shutdownTimeout}s: destroying it"
+          virsh destroy ${q name} || true
+          break
+        fi
+        virsh event --domain ${q name} --event lifecycle --timeout 2 >/dev/null 2>&1 || sleep 1
+      done
+    '';
+  };
 
-  orphans = pkgs.writeShellScriptBin "nixvm-orphans" ''
-    # Lists libvirt domains created by services.nixvm that are no longer
-    # configured: their units are gone, the domains are stopped, their
-    # definitions and disks are kept. Remove one by hand with
-    #   virsh undefine NAME   (then delete its disk or volume)
-    set -eu
-    configured=${q (lib.concatStringsSep "\n" (lib.attrNames cfg.guests))}
-    ${virsh} list --all --name | while read -r dom; do
-      [ -n "$dom" ] || continue
-      printf '%s\n' "$configured" | grep -qxF -- "$dom" && continue
-      ${virsh} dumpxml --inactive -- "$dom" 2>/dev/null | grep -qF '${metadataNS}' || continue
-      printf '%s\t%s\n' "$dom" "$(${virsh} domstate -- "$dom" 2>/dev/null)"
-    done
-  '';
+  orphans = pkgs.writeShellApplication {
+    name = "nixvm-orphans";
+    runtimeInputs = [ cfg.libvirtPackage pkgs.gnugrep ];
+    text = ''
+      # Lists libvirt domains created by services.nixvm that are no longer
+      # configured: their units are gone, the domains are stopped, their
+      # definitions and disks are kept. Remove one by hand with
+      #   virsh undefine --nvram NAME   (then delete its disk or volume)
+      configured=${q (lib.concatStringsSep "\n" (lib.mapAttrsToList (_: g: g.name) cfg.guests))}
+      virsh list --all --name | while read -r dom; do
+        [ -n "$dom" ] || continue
+        printf '%s\n' "$configured" | grep -qxF -- "$dom" && continue
+        virsh dumpxml --inactive -- "$dom" 2>/dev/null | grep -qF '${metadataNS}' || continue
+        printf '%s\t%s\n' "$dom" "$(virsh domstate -- "$dom" 2>/dev/null)"
+      done
+    '';
+  };
+
+  # What every unit of this module runs with. The guest units run virsh,
+  # qemu-img and LVM on /dev and /var/lib/libvirt, so /usr and /etc stay
+  # writable for them; gc adds ProtectSystem = "strict".
+  hardening = {
+    NoNewPrivileges = true;
+    PrivateTmp = true;
+    ProtectHome = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectControlGroups = true;
+    RestrictSUIDSGID = true;
+    LockPersonality = true;
+  };
 
   gcArgs =
     [ "gc" "--keep" (toString cfg.gc.keep) "--domains" ]
@@ -286,8 +365,8 @@ in
     enable = mkEnableOption "libvirt guests made from nixvm-image base images";
     package = mkOption {
       type = types.package;
-      default = pkgs.callPackage ./package.nix { };
-      defaultText = lib.literalExpression "pkgs.callPackage ./package.nix { }";
+      default = pkgs.nixvm-image or (pkgs.callPackage ./package.nix { });
+      defaultText = lib.literalExpression "pkgs.nixvm-image (overlays.default), else pkgs.callPackage ./package.nix { }";
       description = "The nixvm-image package.";
     };
     libvirtPackage = mkOption {
@@ -350,17 +429,23 @@ in
       "d /var/lib/libvirt/images 0711 root root -"
     ];
 
-    systemd.services = lib.mapAttrs' (name: g: lib.nameValuePair "nixvm-guest-${name}" {
+    assertions = lib.mapAttrsToList (attr: g: {
+      assertion = g.disk.type != "device" || g.disk.path != null;
+      message = "services.nixvm.guests.${attr}: disk.type = \"device\" needs disk.path, the block device (e.g. /dev/vg0/guest-${attr}).";
+    }) cfg.guests;
+
+    systemd.services = lib.mapAttrs' (_: g: let name = g.name; in lib.nameValuePair "nixvm-guest-${name}" {
       description = "libvirt guest ${name} (nixvm-image)";
-      after = [ "libvirtd.service" "network.target" ];
+      after = [ "libvirtd.service" "libvirt-guests.service" "network.target" ];
       requires = [ "libvirtd.service" ];
       wantedBy = lib.optional g.autostart "multi-user.target";
-      path = [ cfg.libvirtPackage config.virtualisation.libvirtd.qemu.package pkgs.coreutils pkgs.gnused pkgs.lvm2 ];
-      serviceConfig = {
+      # A rebuild leaves a running guest alone (see the top of this file).
+      inherit (g) restartIfChanged;
+      serviceConfig = hardening // {
         Type = "simple";
-        ExecStartPre = "${startScript name g}";
-        ExecStart = "${waitScript name}";
-        ExecStop = "${stopScript name g}";
+        ExecStartPre = utils.escapeSystemdExecArgs [ (lib.getExe (startScript name g)) ];
+        ExecStart = utils.escapeSystemdExecArgs [ (lib.getExe (waitScript name)) ];
+        ExecStop = utils.escapeSystemdExecArgs [ (lib.getExe (stopScript name g)) ];
         TimeoutStartSec = "infinity"; # a first full copy of a large disk takes a while
         TimeoutStopSec = g.shutdownTimeout + 30;
         KillMode = "mixed";
@@ -372,9 +457,14 @@ in
         after = [ "libvirtd.service" ];
         wants = [ "libvirtd.service" ];
         path = [ cfg.libvirtPackage ];
-        serviceConfig = {
+        serviceConfig = hardening // {
           Type = "oneshot";
-          ExecStart = "${nixvm} ${lib.escapeShellArgs gcArgs}";
+          ExecStart = utils.escapeSystemdExecArgs ([ nixvm ] ++ gcArgs);
+          # gc writes only the image store; it reaches libvirt over its socket.
+          ProtectSystem = "strict";
+          ReadWritePaths = [ "/var/lib/nixvm-image" ];
+          PrivateNetwork = true;
+          RestrictAddressFamilies = [ "AF_UNIX" ];
         };
       };
     };

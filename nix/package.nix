@@ -1,46 +1,39 @@
-# nixvm-image and nixvm-resize, static (CGO_ENABLED=0), as in `make build`.
-#
-# vendorHash: Nix cannot be asked here (no nixpkgs on the machines this was
-# written on), so it was computed the way nixpkgs' go-modules step makes its
-# output: `go mod vendor -o DIR` with Go 1.26, then the NAR hash of DIR
-# (`nix hash path DIR`). It matches when nixpkgs' Go writes the same
-# vendor/modules.txt; if a build reports a hash mismatch, put the "got:" hash
-# here (after changing go.mod/go.sum, recompute it the same way or set
-# lib.fakeHash and copy the hash the build reports).
+# nixvm-image (and a nixvm-resize beside it, which the build adds to the
+# systems it builds when they give none), static (CGO_ENABLED=0), as
+# `make build` makes them. The wrapper puts what nixvm-image runs on PATH:
+# QEMU (the VM stage; qemu-img for provision) and xz (.ko.xz kernel modules)
+# first; OpenSSH (push) and LVM (provision --target /dev/VG/LV) after the
+# system's own. Nix itself is the user's: nixvm-image runs the nix-build,
+# nix and nix-store it finds. virsh comes from the host's libvirt (the host
+# module puts it on PATH).
 #
 # go.mod asks for Go 1.26: pass a buildGoModule whose Go is at least that
 # (flake.nix uses buildGo126Module when nixpkgs has it).
-{ lib, buildGoModule }:
-
+{ lib, buildGoModule, makeWrapper, qemu_kvm, xz, openssh, lvm2 }:
+let
+  source = import ./source.nix { inherit lib; };
+in
 buildGoModule {
   pname = "nixvm-image";
-  version = "0.1.0";
-
-  src = lib.cleanSourceWith {
-    src = ../.;
-    # Only what the Go build reads: no built binaries, images or benchmark output.
-    filter = path: type:
-      let base = baseNameOf path; in
-      !(lib.elem base [ "bin" "demo" "bench-out" "result" ".git" ])
-      && !(lib.hasSuffix ".qcow2" base)
-      && !(lib.hasSuffix ".raw" base);
-  };
-
-  vendorHash = "sha256-Wce1OVHu7LokyP+qxeCogzhsiVm34jKXLkbZO6uIWm8=";
+  inherit (source) version src vendorHash ldflags;
 
   subPackages = [ "cmd/nixvm-image" "cmd/nixvm-resize" ];
 
   env.CGO_ENABLED = "0";
-  ldflags = [ "-s" "-w" ];
+  nativeBuildInputs = [ makeWrapper ];
+
+  postInstall = ''
+    wrapProgram $out/bin/nixvm-image \
+      --prefix PATH : ${lib.makeBinPath [ qemu_kvm xz ]} \
+      --suffix PATH : ${lib.makeBinPath [ openssh lvm2 ]}
+  '';
 
   # The tests need root, QEMU, loop devices, libvirtd and a Nix store: they
-  # run in CI with `make test`, not in the sandbox.
+  # run in CI with `make test`; the flake's checks evaluate the modules.
   doCheck = false;
 
-  meta = {
+  meta = source.meta // {
     description = "Deterministic NixOS qcow2 images from a Nix closure, pushed to libvirt hosts block by block, provisioned as guest disks";
-    homepage = "https://github.com/nixvm-image/nixvm-image";
-    platforms = lib.platforms.linux;
     mainProgram = "nixvm-image";
   };
 }

@@ -3,10 +3,13 @@ package provision
 import (
 	"encoding/json"
 	"encoding/xml"
+	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -16,9 +19,12 @@ import (
 
 // There is no nixpkgs on the test machines, so CI checks the Nix files in
 // two ways: every .nix file in the repository parses (nix-instantiate
-// --parse), and nix/host.nix, nix/package.nix and flake.nix are evaluated
-// against the stubs in testdata/nix-stubs, after which the generated unit
-// scripts run against a fake virsh.
+// --parse), and nix/host.nix, nix/package.nix, nix/resize.nix and flake.nix
+// are evaluated against the stubs in testdata/nix-stubs: the unit scripts
+// are built as writeShellApplication builds them (shellcheck), run against
+// a fake virsh, and every domain XML the host module can write passes
+// virt-xml-validate. (The guest module is tested through the CLI, in
+// cmd/nixvm-image; flake.nix's checks run the same against real nixpkgs.)
 
 func TestNixParse(t *testing.T) {
 	ni := testutil.NeedTool(t, "nix-instantiate")[0]
@@ -74,38 +80,68 @@ dumpxml) cat $D/dumpxml-$last 2>/dev/null || exit 1 ;;
 esac
 `
 
+type nixPackage struct {
+	Pname             string   `json:"pname"`
+	Version           string   `json:"version"`
+	SubPackages       []string `json:"subPackages"`
+	VendorHash        string   `json:"vendorHash"`
+	Ldflags           []string `json:"ldflags"`
+	System            string   `json:"system"`
+	Cgo               string   `json:"cgo"`
+	License           string   `json:"license"`
+	MainProgram       string   `json:"mainProgram"`
+	PostInstall       string   `json:"postInstall"`
+	AllowedReferences []string `json:"allowedReferences"`
+}
+
 type nixEval struct {
+	Stubs string `json:"stubs"`
 	Units map[string]struct {
-		WantedBy      []string       `json:"wantedBy"`
-		After         []string       `json:"after"`
-		Requires      []string       `json:"requires"`
-		Path          []string       `json:"path"`
-		ServiceConfig map[string]any `json:"serviceConfig"`
+		WantedBy         []string       `json:"wantedBy"`
+		After            []string       `json:"after"`
+		Requires         []string       `json:"requires"`
+		RestartIfChanged bool           `json:"restartIfChanged"`
+		Path             []string       `json:"path"`
+		ServiceConfig    map[string]any `json:"serviceConfig"`
+		Drvs             []string       `json:"drvs"`
 	} `json:"units"`
-	Timers         map[string]map[string]any `json:"timers"`
-	Tmpfiles       []string                  `json:"tmpfiles"`
-	Libvirtd       bool                      `json:"libvirtd"`
-	SystemPackages []string                  `json:"systemPackages"`
-	Orphans        string                    `json:"orphans"`
-	Package        struct {
-		Pname       string   `json:"pname"`
-		SubPackages []string `json:"subPackages"`
-		VendorHash  string   `json:"vendorHash"`
-		Cgo         string   `json:"cgo"`
-	} `json:"package"`
-	Flake struct {
-		Packages     []string `json:"packages"`
-		NixosModules []string `json:"nixosModules"`
-		HostImports  []string `json:"hostImports"`
-		GuestImports []string `json:"guestImports"`
-		HostPackage  string   `json:"hostPackage"`
-		GuestPackage string   `json:"guestPackage"`
+	Timers           map[string]map[string]any        `json:"timers"`
+	Tmpfiles         []string                         `json:"tmpfiles"`
+	Libvirtd         bool                             `json:"libvirtd"`
+	SystemPackages   []string                         `json:"systemPackages"`
+	Orphans          string                           `json:"orphans"`
+	OrphansDrvs      []string                         `json:"orphansDrvs"`
+	Assertions       []string                         `json:"assertions"`
+	NoPathAssertions []string                         `json:"noPathAssertions"`
+	BadNames         []string                         `json:"badNames"`
+	GoodNames        []string                         `json:"goodNames"`
+	Matrix           map[string]map[string]string     `json:"matrix"`
+	Packages         map[string]map[string]nixPackage `json:"packages"`
+	Flake            struct {
+		Systems      []string              `json:"systems"`
+		NixosModules []string              `json:"nixosModules"`
+		Checks       map[string][]string   `json:"checks"`
+		Formatter    map[string]string     `json:"formatter"`
+		Overlay      map[string]nixPackage `json:"overlay"`
+		Modules      map[string]struct {
+			HostImports  []string   `json:"hostImports"`
+			GuestImports []string   `json:"guestImports"`
+			HostPackage  nixPackage `json:"hostPackage"`
+			GuestPackage nixPackage `json:"guestPackage"`
+		} `json:"modules"`
 	} `json:"flake"`
 }
 
 type domainXML struct {
-	Name   string  `xml:"name"`
-	UUID   *string `xml:"uuid"`
+	Name string  `xml:"name"`
+	UUID *string `xml:"uuid"`
+	OS   struct {
+		Firmware string `xml:"firmware,attr"`
+		Features []struct {
+			Name    string `xml:"name,attr"`
+			Enabled string `xml:"enabled,attr"`
+		} `xml:"firmware>feature"`
+	} `xml:"os"`
 	Memory struct {
 		Unit  string `xml:"unit,attr"`
 		Value string `xml:",chardata"`
@@ -130,9 +166,23 @@ type domainXML struct {
 	} `xml:"devices>interface"`
 }
 
+// execPath reads the program of a systemd Exec* line that
+// utils.escapeSystemdExecArgs wrote: a JSON string, % and $ doubled.
+func execPath(t *testing.T, line any) string {
+	t.Helper()
+	s, _ := line.(string)
+	word, _, _ := strings.Cut(s, " ")
+	var p string
+	if err := json.Unmarshal([]byte(strings.NewReplacer("%%", "%", "$$", "$").Replace(word)), &p); err != nil {
+		t.Fatalf("Exec line %q is not escapeSystemdExecArgs' quoting: %v", s, err)
+	}
+	return p
+}
+
 func TestNixHostModule(t *testing.T) {
 	testutil.NeedRoot(t) // --read-write-mode: the stubs write the unit scripts to /nix/store
-	ni := testutil.NeedTool(t, "nix-instantiate")[0]
+	tools := testutil.NeedTool(t, "nix-instantiate", "nix-store", "shellcheck", "virt-xml-validate", "xmllint")
+	ni, ns, validate := tools[0], tools[1], tools[3]
 	stub := t.TempDir()
 	os.MkdirAll(filepath.Join(stub, "bin"), 0o755)
 	os.WriteFile(filepath.Join(stub, "bin", "virsh"), []byte(fakeVirshScript), 0o755)
@@ -149,6 +199,16 @@ func TestNixHostModule(t *testing.T) {
 	if err := json.Unmarshal(out, &ev); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
+	stubStore := ev.Stubs
+	// Build the scripts (writeShellApplication: shellcheck runs on each).
+	drvs := append([]string{}, ev.OrphansDrvs...)
+	for _, u := range ev.Units {
+		drvs = append(drvs, u.Drvs...)
+	}
+	realise := exec.Command(ns, append([]string{"--realise", "--option", "substituters", "", "--option", "sandbox", "false", "--quiet"}, drvs...)...)
+	if out, err := realise.CombinedOutput(); err != nil {
+		t.Fatalf("building the unit scripts (shellcheck): %v\n%s", err, out)
+	}
 
 	t.Run("definitions", func(t *testing.T) {
 		for _, g := range []string{"some-athens-guest", "web1", "ci1"} {
@@ -162,16 +222,36 @@ func TestNixHostModule(t *testing.T) {
 			if want := g != "ci1"; (len(u.WantedBy) == 1) != want {
 				t.Errorf("%s: wantedBy %v, want autostart %v", g, u.WantedBy, want)
 			}
-			if strings.Join(u.Path, " ") != "libvirt qemu coreutils gnused lvm2" {
-				t.Errorf("%s: path %v", g, u.Path)
+			// A rebuild restarts no guest unless the guest asks for it (ci1).
+			if u.RestartIfChanged != (g == "ci1") {
+				t.Errorf("%s: restartIfChanged %v", g, u.RestartIfChanged)
+			}
+			if strings.Join(u.After, " ") != "libvirtd.service libvirt-guests.service network.target" {
+				t.Errorf("%s: after %v, want libvirtd and libvirt-guests first", g, u.After)
+			}
+			if len(u.Path) != 0 {
+				t.Errorf("%s: path %v; the scripts carry their own (runtimeInputs)", g, u.Path)
+			}
+			for _, k := range []string{"NoNewPrivileges", "PrivateTmp", "ProtectHome", "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups", "RestrictSUIDSGID", "LockPersonality"} {
+				if u.ServiceConfig[k] != true {
+					t.Errorf("%s: %s = %v, want true", g, k, u.ServiceConfig[k])
+				}
+			}
+			for _, k := range []string{"ExecStartPre", "ExecStart", "ExecStop"} {
+				if p := execPath(t, u.ServiceConfig[k]); !strings.HasPrefix(p, "/nix/store/") || !strings.Contains(p, "/bin/nixvm-guest-"+g+"-") {
+					t.Errorf("%s: %s %q", g, k, p)
+				}
 			}
 		}
 		if got := ev.Units["nixvm-guest-web1"].ServiceConfig["TimeoutStopSec"]; got != float64(32) {
 			t.Errorf("web1 TimeoutStopSec: got %v, want shutdownTimeout 2 + 30", got)
 		}
-		gc := ev.Units["nixvm-image-gc"].ServiceConfig["ExecStart"]
-		if want := stub + "/bin/nixvm-image 'gc' '--keep' '2' '--domains' '--scan' '/var/lib/libvirt/images' '--scan' '/etc/virt/base-images' '--pool' 'guests'"; gc != want {
-			t.Errorf("gc: got %v, want %s", gc, want)
+		gc := ev.Units["nixvm-image-gc"].ServiceConfig
+		if want := `"` + stubStore + `/bin/nixvm-image" "gc" "--keep" "2" "--domains" "--scan" "/var/lib/libvirt/images" "--scan" "/etc/virt/base-images" "--pool" "guests"`; gc["ExecStart"] != want {
+			t.Errorf("gc: got %v, want %s", gc["ExecStart"], want)
+		}
+		if gc["ProtectSystem"] != "strict" || fmt.Sprint(gc["ReadWritePaths"]) != "[/var/lib/nixvm-image]" || gc["PrivateNetwork"] != true {
+			t.Errorf("gc hardening: %v", gc)
 		}
 		if ev.Timers["nixvm-image-gc"]["timerConfig"].(map[string]any)["OnCalendar"] != "weekly" {
 			t.Errorf("gc timer: %v", ev.Timers)
@@ -179,23 +259,99 @@ func TestNixHostModule(t *testing.T) {
 		if !ev.Libvirtd || len(ev.Tmpfiles) != 3 || !strings.Contains(ev.Tmpfiles[1], "/var/lib/nixvm-image/images") {
 			t.Errorf("libvirtd %v, tmpfiles %v", ev.Libvirtd, ev.Tmpfiles)
 		}
-		p := ev.Package
-		if p.Pname != "nixvm-image" || strings.Join(p.SubPackages, " ") != "cmd/nixvm-image cmd/nixvm-resize" || p.Cgo != "0" || !strings.HasPrefix(p.VendorHash, "sha256-") {
-			t.Errorf("package: %+v", p)
+		if len(ev.Assertions) != 0 {
+			t.Errorf("failed assertions: %v", ev.Assertions)
 		}
+		if len(ev.NoPathAssertions) != 1 || !strings.Contains(ev.NoPathAssertions[0], `disk.type = "device" needs disk.path`) {
+			t.Errorf("a device guest without a path: assertions %q", ev.NoPathAssertions)
+		}
+		if len(ev.BadNames) != 7 || len(ev.GoodNames) != 4 {
+			t.Errorf("guest names: rejected %q (want all 7 bad ones), accepted %q (want all 4 good ones)", ev.BadNames, ev.GoodNames)
+		}
+	})
+
+	t.Run("package and flake", func(t *testing.T) {
 		f := ev.Flake
-		if strings.Join(f.Packages, " ") != "default nixvm-image" || strings.Join(f.NixosModules, " ") != "default guest host" ||
-			!strings.HasSuffix(f.HostImports[0], "/nix/host.nix") || !strings.HasSuffix(f.GuestImports[0], "/nix/guest.nix") ||
-			f.HostPackage != "nixvm-image" || f.GuestPackage != "nixvm-image" {
-			t.Errorf("flake: %+v", f)
+		if strings.Join(f.Systems, " ") != "aarch64-linux x86_64-linux" || strings.Join(f.NixosModules, " ") != "default guest host" {
+			t.Errorf("flake: systems %v, modules %v", f.Systems, f.NixosModules)
+		}
+		for _, sys := range []string{"aarch64-linux", "x86_64-linux"} {
+			ps := ev.Packages[sys]
+			img, rs := ps["nixvm-image"], ps["nixvm-resize"]
+			if ps["default"].Pname != "nixvm-image" || img.System != sys || rs.System != sys {
+				t.Errorf("%s: packages %+v", sys, ps)
+			}
+			if strings.Join(img.SubPackages, " ") != "cmd/nixvm-image cmd/nixvm-resize" || strings.Join(rs.SubPackages, " ") != "cmd/nixvm-resize" {
+				t.Errorf("%s: subPackages %v, %v", sys, img.SubPackages, rs.SubPackages)
+			}
+			for _, p := range []nixPackage{img, rs} {
+				if p.Cgo != "0" || p.License != "MIT" || p.MainProgram != p.Pname || !strings.HasPrefix(p.VendorHash, "sha256-") ||
+					!slicesContain(p.Ldflags, "-X github.com/nixvm-image/nixvm-image/internal/version.Version="+p.Version) {
+					t.Errorf("%s %s: %+v", sys, p.Pname, p)
+				}
+			}
+			if !strings.Contains(img.PostInstall, "--prefix PATH : /stub/qemu_kvm/bin:/stub/xz/bin") || !strings.Contains(img.PostInstall, "--suffix PATH : /stub/openssh/bin:/stub/lvm2/bin") {
+				t.Errorf("%s: the wrapper: %q", sys, img.PostInstall)
+			}
+			if rs.AllowedReferences == nil || len(rs.AllowedReferences) != 0 {
+				t.Errorf("%s: nixvm-resize allowedReferences %v, want []", sys, rs.AllowedReferences)
+			}
+			// The modules build the packages for the host's own system.
+			m := f.Modules[sys]
+			if !strings.HasSuffix(m.HostImports[0], "/nix/host.nix") || !strings.HasSuffix(m.GuestImports[0], "/nix/guest.nix") ||
+				m.HostPackage.Pname != "nixvm-image" || m.HostPackage.System != sys || m.GuestPackage.Pname != "nixvm-resize" || m.GuestPackage.System != sys {
+				t.Errorf("%s: modules %+v", sys, m)
+			}
+			if strings.Join(f.Checks[sys], " ") != "guest-module host-module nixvm-image nixvm-resize" || f.Formatter[sys] == "" {
+				t.Errorf("%s: checks %v, formatter %q", sys, f.Checks[sys], f.Formatter[sys])
+			}
+		}
+		if f.Overlay["nixvm-image"].Pname != "nixvm-image" || f.Overlay["nixvm-resize"].Pname != "nixvm-resize" || len(f.Overlay) != 2 {
+			t.Errorf("overlay: %+v", f.Overlay)
+		}
+	})
+
+	// Every domain XML the module can write (each disk, network and
+	// firmware kind, kvm and qemu) passes libvirt's schema, with a UUID and
+	// without one, as the start script defines it.
+	t.Run("domain XML validates", func(t *testing.T) {
+		n := 0
+		for domainType, m := range ev.Matrix {
+			for unit, xmlPath := range m {
+				guest := strings.TrimPrefix(unit, "nixvm-guest-")
+				src, err := os.ReadFile(xmlPath)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, variant := range []string{
+					strings.ReplaceAll(string(src), "@UUID@", "0f3c5b8e-0000-4000-8000-000000000001"),
+					regexp.MustCompile(`(?m)^.*@UUID@.*\n`).ReplaceAllString(string(src), ""),
+				} {
+					f := filepath.Join(t.TempDir(), guest+".xml")
+					os.WriteFile(f, []byte(variant), 0o644)
+					if out, err := exec.Command(validate, f, "domain").CombinedOutput(); err != nil {
+						t.Errorf("%s (%s): virt-xml-validate: %v\n%s\n%s", guest, domainType, err, out, variant)
+					}
+					n++
+				}
+				var d domainXML
+				if err := xml.Unmarshal(src, &d); err != nil {
+					t.Fatal(err)
+				}
+				if efi := strings.HasSuffix(guest, "-efi"); efi != (d.OS.Firmware == "efi") || efi && (len(d.OS.Features) != 1 || d.OS.Features[0].Name != "secure-boot" || d.OS.Features[0].Enabled != "no") {
+					t.Errorf("%s: os %+v", guest, d.OS)
+				}
+			}
+		}
+		if n != 2*24*2 {
+			t.Errorf("validated %d domain XMLs, want 96", n)
 		}
 	})
 
 	state := t.TempDir()
 	script := func(t *testing.T, unit, key string, timeout time.Duration) (string, error) {
 		t.Helper()
-		p, _ := ev.Units[unit].ServiceConfig[key].(string)
-		cmd := exec.Command("bash", p)
+		cmd := exec.Command(execPath(t, ev.Units[unit].ServiceConfig[key]))
 		cmd.Env = append(os.Environ(), "FAKE_VIRSH_DIR="+state)
 		done := make(chan struct{})
 		var out []byte
@@ -268,7 +424,7 @@ func TestNixHostModule(t *testing.T) {
 			t.Fatalf("%v\n%s", err, out)
 		}
 		d := defined(t)
-		if d.Disks[0].Type != "file" || d.Disks[0].Driver.Type != "qcow2" || d.Disks[0].Source.File != "/var/lib/libvirt/images/ci1.qcow2" {
+		if d.Disks[0].Type != "file" || d.Disks[0].Driver.Type != "qcow2" || d.Disks[0].Source.File != "/var/lib/libvirt/images/ci1.qcow2" || d.OS.Firmware != "efi" {
 			t.Errorf("domain: %+v", d)
 		}
 	})
@@ -319,10 +475,7 @@ func TestNixHostModule(t *testing.T) {
 			"dumpxml-manual-vm": "<domain/>",
 			"dumpxml-web1":      "<domain><metadata><nixvm:guest xmlns:nixvm=\"https://github.com/nixvm-image/nixvm-image/host\"/></metadata></domain>",
 		})
-		cmd := exec.Command("bash", filepath.Join(ev.Orphans, "bin", "nixvm-orphans"))
-		if fi, err := os.Stat(ev.Orphans); err == nil && !fi.IsDir() {
-			cmd = exec.Command("bash", ev.Orphans)
-		}
+		cmd := exec.Command(ev.Orphans)
 		cmd.Env = append(os.Environ(), "FAKE_VIRSH_DIR="+state)
 		out, err := cmd.CombinedOutput()
 		if err != nil || string(out) != "old-guest\tshut off\n" {
@@ -330,3 +483,5 @@ func TestNixHostModule(t *testing.T) {
 		}
 	})
 }
+
+func slicesContain(s []string, v string) bool { return slices.Contains(s, v) }

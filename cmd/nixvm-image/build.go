@@ -45,6 +45,7 @@ type buildOptions struct {
 	vmTimeout time.Duration
 	vmInit    string
 	dryRun    bool
+	nix       nixOptions // CONFIG.nix and --flake: flags for Nix (nixflags.go)
 }
 
 func (o *buildOptions) AddFlags(fs *pflag.FlagSet) {
@@ -62,13 +63,14 @@ func (o *buildOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.BoolVarP(&o.quiet, "quiet", "q", false, "print nothing but errors")
 	fs.StringVar(&o.previous, "previous", "auto", "keep the layout of a previous IMAGE (or IMAGE.manifest): store paths in both keep their blocks, so pushes stay small; auto = OUTPUT.manifest when --force replaces an output that has one; none = lay out afresh")
 	fs.BoolVar(&o.noBootloader, "no-bootloader", false, "skip the VM stage: install no boot loader (for direct kernel boot)")
-	fs.StringVar(&o.flake, "flake", "", "build the NixOS configuration FLAKE#NAME (nixosConfigurations.NAME) with nix build")
+	fs.StringVar(&o.flake, "flake", "", "build the NixOS configuration FLAKE#NAME (nixosConfigurations.NAME; FLAKE alone: this host's name) with nix build")
 	fs.StringVar(&o.kernel, "kernel", "", "kernel (bzImage) for the VM stage; default: the system's own TOPLEVEL/kernel")
 	fs.StringVar(&o.modules, "modules", "", "kernel modules for the VM stage: a directory with modules.dep, or one with lib/modules/RELEASE; default: TOPLEVEL/kernel-modules")
 	fs.StringVar(&o.accel, "accel", "auto", "VM stage accelerator: auto (try KVM under a watchdog, fall back to TCG), kvm or tcg")
 	fs.DurationVar(&o.vmTimeout, "vm-timeout", vm.DefaultTimeout, "kill the VM stage's guest after this long")
 	fs.StringVar(&o.vmInit, "vm-init", "", "static nixvm-image binary used as the VM's /init (default: this executable, which must be static: CGO_ENABLED=0)")
-	fs.BoolVar(&o.dryRun, "dry-run", false, "print the VM stage's QEMU command line and write nothing")
+	fs.BoolVar(&o.dryRun, "dry-run", false, "print the VM stage's QEMU command line and write nothing; CONFIG.nix and --flake are only evaluated, nothing is built")
+	o.nix.AddFlags(fs)
 }
 
 func init() {
@@ -81,9 +83,13 @@ system profile, without root or loop devices. The same closure gives the same by
 (timestamps come from SOURCE_DATE_EPOCH, default 1).
 
 CONFIG.nix is built with your own Nix as NixOS (nix-build '<nixpkgs/nixos>' on your
-NIX_PATH), FLAKE#NAME as nixosConfigurations.NAME (nix build); the build adds its
-module (root by label, GRUB on /dev/vda or systemd-boot for --layout efi, virtio
-modules in the initrd, the first-boot nixvm-resize unit).
+NIX_PATH, or -I nixpkgs=PATH), FLAKE#NAME as nixosConfigurations.NAME (nix build; a
+local flake in a git repository is a git flake: only tracked files are read). The
+build adds its module (root by label, GRUB on /dev/vda or systemd-boot for --layout
+efi, virtio modules in the initrd, the first-boot nixvm-resize unit, with the
+nixvm-resize beside this executable unless the configuration sets
+nixvm.resize.package). -I, --arg, --argstr, --option, --show-trace and --impure go
+to Nix; --out-link keeps the built system; --dry-run only evaluates it.
 
 The boot loader is installed by the system itself: a throwaway QEMU VM boots the
 system's kernel (or --kernel/--modules) with nixvm-image as its /init, mounts the
@@ -139,11 +145,14 @@ func runBuild(ctx context.Context, o *buildOptions, c Context, args []string) er
 	}
 	toplevelFlag := o.toplevel
 	if config != "" || o.flake != "" {
-		top, cleanup, err := buildSystem(ctx, config, o.flake, opts.Layout, log)
+		top, cleanup, err := o.nix.buildSystem(ctx, config, o.flake, opts.Layout, o.dryRun, c.Stdout, log)
 		if err != nil {
 			return err
 		}
 		defer cleanup()
+		if top == "" {
+			return nil // --dry-run of a system that is not built
+		}
 		toplevelFlag = top
 	}
 	if opts.Closure, opts.Toplevel, err = loadClosure(ctx, o.closure, toplevelFlag); err != nil {

@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	"github.com/spf13/pflag"
+
+	"github.com/nixvm-image/nixvm-image/internal/version"
 )
 
 // Exit codes, documented in every --help.
@@ -62,6 +64,10 @@ func usagef(format string, args ...any) error {
 func (c Context) Execute(ctx context.Context) int {
 	if c.Stdin == nil {
 		c.Stdin = strings.NewReader("")
+	}
+	if len(c.Args) == 1 && c.Args[0] == "--version" {
+		fmt.Fprintln(c.Stdout, version.String("nixvm-image"))
+		return exitOK
 	}
 	if len(c.Args) == 0 || c.Args[0] == "-h" || c.Args[0] == "--help" || c.Args[0] == "help" {
 		if len(c.Args) > 1 {

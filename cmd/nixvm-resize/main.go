@@ -23,6 +23,7 @@ import (
 	"io"
 	"os"
 
+	"github.com/nixvm-image/nixvm-image/internal/version"
 	"github.com/nixvm-image/nixvm-image/resize"
 )
 
@@ -66,10 +67,11 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("nixvm-resize", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var opts resize.Options
-	var strict bool
+	var strict, showVersion bool
 	fs.StringVar(&opts.Mountpoint, "mountpoint", "/", "mount point of the ext4 file system to grow")
 	fs.BoolVar(&opts.DryRun, "dry-run", false, "print what would be done, write nothing")
 	fs.BoolVar(&strict, "strict", false, "exit 3 instead of 0 when the setup is left alone")
+	fs.BoolVar(&showVersion, "version", false, "print the version and exit")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usageText)
 		fs.PrintDefaults()
@@ -80,6 +82,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		return usageError{err}
+	}
+	if showVersion {
+		fmt.Fprintln(stdout, version.String("nixvm-resize"))
+		return nil
 	}
 	if fs.NArg() > 0 {
 		return usageError{fmt.Errorf("unexpected argument %q (use --mountpoint PATH)", fs.Arg(0))}

@@ -3,8 +3,13 @@ package main
 import (
 	"bytes"
 	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 func TestExitCodes(t *testing.T) {
@@ -32,5 +37,29 @@ func TestExitCodes(t *testing.T) {
 	}
 	if got := exitCode(leftAloneError{errors.New("x")}); got != exitLeftAlone {
 		t.Errorf("left alone with --strict: got %d, want %d", got, exitLeftAlone)
+	}
+}
+
+// TestVersion: --version prints the version and touches nothing; a binary
+// linked with -X internal/version.Version (as the Nix package links it)
+// prints that version.
+func TestVersion(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if err := run([]string{"--version", "--mountpoint", "/nonexistent"}, &stdout, &stderr); err != nil {
+		t.Fatalf("--version: %v\n%s", err, stderr.String())
+	}
+	if !strings.HasPrefix(stdout.String(), "nixvm-resize ") || strings.Count(stdout.String(), "\n") != 1 {
+		t.Errorf("--version printed %q", stdout.String())
+	}
+	goTool := testutil.NeedTool(t, "go")[0]
+	bin := filepath.Join(t.TempDir(), "nixvm-resize")
+	cmd := exec.Command(goTool, "build", "-trimpath", "-ldflags", "-X github.com/nixvm-image/nixvm-image/internal/version.Version=9.8.7", "-o", bin, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v: %v\n%s", cmd.Args, err, out)
+	}
+	out, err := exec.Command(bin, "--version").CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "nixvm-resize 9.8.7 (go") {
+		t.Errorf("%s --version: %v %q, want nixvm-resize 9.8.7 (go…)", bin, err, out)
 	}
 }

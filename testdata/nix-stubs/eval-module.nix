@@ -3,7 +3,7 @@
 # defaults, checks values against option types (attrsOf, submodule with its
 # name, listOf, nullOr and the leaf types in ./lib.nix), rejects undeclared
 # options, and resolves mkIf/mkMerge in the module's config section.
-{ lib, module, pkgs, userConfig, outside ? { } }:
+{ lib, module, pkgs, userConfig, outside ? { }, utils ? { } }:
 let
   b = builtins;
   isOption = o: b.isAttrs o && (o._type or null) == "option";
@@ -37,7 +37,7 @@ let
     else x;
 
   config = outside // fill "config" result.options userConfig;
-  result = module { inherit config lib pkgs; };
+  result = module { inherit config lib pkgs utils; };
 in
 {
   inherit config;

@@ -9,6 +9,7 @@ let
 in
 rec {
   inherit (b) elem attrNames concatStringsSep replaceStrings;
+  mapAttrsToList = f: set: map (n: f n set.${n}) (b.attrNames set);
 
   mkOption = option;
   mkEnableOption = name: option { type = types.bool; default = false; description = "Whether to enable ${name}."; };
@@ -41,13 +42,17 @@ rec {
   unique = b.foldl' (acc: x: if b.elem x acc then acc else acc ++ [ x ]) [ ];
   nameValuePair = name: value: { inherit name value; };
   mapAttrs' = f: set: b.listToAttrs (map (n: f n set.${n}) (b.attrNames set));
-  mapAttrsToList = f: set: map (n: f n set.${n}) (b.attrNames set);
   filterAttrs = pred: set: b.listToAttrs (b.concatMap (n: if pred n set.${n} then [{ name = n; value = set.${n}; }] else [ ]) (b.attrNames set));
   hasSuffix = suffix: s:
     let ls = b.stringLength s; lx = b.stringLength suffix;
     in ls >= lx && b.substring (ls - lx) lx s == suffix;
+  makeBinPath = l: b.concatStringsSep ":" (map (p: "${p}/bin") l);
+  getExe = x: "${x}/bin/${x.meta.mainProgram}";
   escapeShellArg = arg: "'${b.replaceStrings [ "'" ] [ "'\\''" ] (toString arg)}'";
   escapeShellArgs = l: b.concatStringsSep " " (map escapeShellArg l);
   cleanSourceWith = { src, filter, name ? "source" }: { _type = "source"; inherit src filter name; };
   platforms.linux = [ "x86_64-linux" "aarch64-linux" ];
+  licenses.mit = { spdxId = "MIT"; shortName = "mit"; };
+  genAttrs = names: f: b.listToAttrs (map (n: { name = n; value = f n; }) names);
+  trivial.release = "26.05";
 }
