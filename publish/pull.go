@@ -147,7 +147,7 @@ func (p *puller) index(ctx context.Context, id ID) (*PackIndex, error) {
 	})
 	if err != nil {
 		if errors.Is(err, ErrNotFound) {
-			return nil, fmt.Errorf("NAME/latest names a generation whose pack index is missing (%w): the store is incomplete; publish again", err)
+			return nil, fmt.Errorf("latest names a generation whose pack index is missing (%w): the store is incomplete; publish again", err)
 		}
 		return nil, err
 	}
