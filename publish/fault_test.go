@@ -320,7 +320,9 @@ func TestPullConcurrentHosts(t *testing.T) {
 
 type pushStoreT struct{ dir string }
 
-func (p *pushStoreT) current() (string, error) { return os.Readlink(filepath.Join(p.dir, "img", "current")) }
+func (p *pushStoreT) current() (string, error) {
+	return os.Readlink(filepath.Join(p.dir, "img", "current"))
+}
 
 func countZero(img *Image) int64 {
 	var n int64
