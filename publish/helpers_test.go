@@ -249,3 +249,5 @@ func storeState(t testing.TB, dir string) string {
 	})
 	return b.String()
 }
+
+func pushStoreOf(dir string) *push.Store { return &push.Store{Dir: dir} }
