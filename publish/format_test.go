@@ -253,3 +253,34 @@ func TestInstallRefusesUnverified(t *testing.T) {
 		}
 	}
 }
+
+// TestPullRefusesRollback: a replayed older pointer (validly signed) is
+// refused unless AllowOlder; nothing changes.
+func TestPullRefusesRollback(t *testing.T) {
+	pub := t.TempDir()
+	g1 := testImage(81, 1<<20)
+	g2 := rebuild(g1, 82, 16<<10)
+	host := t.TempDir()
+	url := "file://" + pub
+	publishT(t, pub, "img", g1, PublishOptions{Now: func() time.Time { return time.Unix(1e9, 0) }})
+	old := mustRead(t, filepath.Join(pub, "img", "latest"))
+	if _, err := pullT(t, url, host, "img", PullOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	publishT(t, pub, "img", g2, PublishOptions{Now: func() time.Time { return time.Unix(2e9, 0) }})
+	if _, err := pullT(t, url, host, "img", PullOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(pub, "img", "latest"), old)
+	before := storeState(t, host)
+	if _, err := pullT(t, url, host, "img", PullOptions{}); !errors.Is(err, ErrUntrusted) || !strings.Contains(err.Error(), "rollback") {
+		t.Fatalf("replayed pointer: %v", err)
+	}
+	if storeState(t, host) != before {
+		t.Fatal("store changed")
+	}
+	if _, err := pullT(t, url, host, "img", PullOptions{AllowOlder: true}); err != nil {
+		t.Fatal(err)
+	}
+	checkCurrent(t, host, "img", g1)
+}

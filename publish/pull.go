@@ -39,6 +39,9 @@ type PullOptions struct {
 	Retries int
 	// Backoff is the first retry delay, doubled each time; 0 means 250 ms.
 	Backoff time.Duration
+	// AllowOlder installs a pointer published before the one this host
+	// last installed (a rollback); refused by default.
+	AllowOlder bool
 	// Log, if not nil, receives retry notices.
 	Log func(format string, args ...any)
 }
@@ -179,6 +182,15 @@ func (p *puller) pull(ctx context.Context) error {
 		return err
 	}
 	p.st.Digest, p.st.VirtualSize = ptr.Digest, ptr.VirtualSize
+	scratch, err := p.Store.ScratchDir(p.Name)
+	if err != nil {
+		return err
+	}
+	stamp := filepath.Join(scratch, publishedStamp)
+	if last, err := readStamp(stamp); err == nil && ptr.Published.Before(last) && !p.AllowOlder {
+		return fmt.Errorf("%w: %s/latest was published %s, before the generation this host last pulled (published %s): refusing a rollback (a replayed old pointer?); pass --allow-older to install it", ErrUntrusted, p.Name, ptr.Published.Format(time.RFC3339), last.Format(time.RFC3339))
+	}
+	installed := func() error { return writeStamp(stamp, ptr.Published) }
 
 	gens, err := p.Store.Generations(p.Name)
 	if err != nil {
@@ -188,14 +200,17 @@ func (p *puller) pull(ctx context.Context) error {
 		if ID(g.Digest) == ptr.Digest {
 			p.st.AlreadyHeld = true
 			if g.Current && p.Link == "" {
-				return nil
+				return installed()
 			}
 			unlock, err := p.Store.Lock(p.Name)
 			if err != nil {
 				return err
 			}
 			defer unlock()
-			return p.Store.Activate(p.Name, g.Digest, p.Link)
+			if err := p.Store.Activate(p.Name, g.Digest, p.Link); err != nil {
+				return err
+			}
+			return installed()
 		}
 	}
 
@@ -233,14 +248,10 @@ func (p *puller) pull(ctx context.Context) error {
 		return err
 	}
 	defer unlock()
-	scratch, err := p.Store.ScratchDir(p.Name)
-	if err != nil {
-		return err
-	}
 	rawPath := filepath.Join(scratch, ptr.Digest.String()+".raw")
 	if ents, err := os.ReadDir(scratch); err == nil {
 		for _, e := range ents {
-			if e.Name() != filepath.Base(rawPath) {
+			if e.Name() != filepath.Base(rawPath) && e.Name() != publishedStamp {
 				os.RemoveAll(filepath.Join(scratch, e.Name()))
 			}
 		}
@@ -298,7 +309,27 @@ func (p *puller) pull(ctx context.Context) error {
 	}
 	raw.Close()
 	os.Remove(rawPath)
-	return nil
+	return installed()
+}
+
+// publishedStamp, in the scratch directory, holds the publication time of
+// the pointer last installed, so a replayed older pointer is refused.
+const publishedStamp = "published"
+
+func readStamp(path string) (time.Time, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return time.Time{}, err
+	}
+	return time.Parse(time.RFC3339, strings.TrimSpace(string(b)))
+}
+
+func writeStamp(path string, t time.Time) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(t.UTC().Format(time.RFC3339)+"\n"), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
 }
 
 type localLoc struct {

@@ -21,6 +21,7 @@ type pullOptions struct {
 	region   string
 	trust    []string
 	parallel int
+	older    bool
 	quiet    bool
 }
 
@@ -32,6 +33,7 @@ func (o *pullOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.region, "region", "", "S3 region (default $AWS_REGION, else asked from the bucket)")
 	fs.StringArrayVar(&o.trust, "trust", nil, "only install generations whose NAME/latest is signed by this ed25519 public `KEY` (the .pub line, its base64, or a file); repeatable")
 	fs.IntVar(&o.parallel, "parallel", 4, "range requests in flight")
+	fs.BoolVar(&o.older, "allow-older", false, "install NAME/latest even when it was published before the generation this host last pulled (a deliberate rollback)")
 	fs.BoolVarP(&o.quiet, "quiet", "q", false, "no retry notices, only the summary line and errors")
 }
 
@@ -88,7 +90,7 @@ func runPull(ctx context.Context, o *pullOptions, c Context, args []string) erro
 	start := time.Now()
 	opts := publish.PullOptions{
 		Source: src, Store: publish.PushStore{S: &push.Store{Dir: o.storeDir}},
-		Name: o.name, Link: o.link, Trust: trust, Parallel: o.parallel,
+		Name: o.name, Link: o.link, Trust: trust, Parallel: o.parallel, AllowOlder: o.older,
 	}
 	if !o.quiet {
 		opts.Log = func(format string, a ...any) { fmt.Fprintf(c.Stderr, "pull: "+format+"\n", a...) }
