@@ -155,7 +155,13 @@ func (s *s3Target) Put(ctx context.Context, k string, r io.Reader, size int64) e
 	if err != nil {
 		return err
 	}
-	_, err = s.c.PutObject(ctx, s.bucket, key, r, size, minio.PutObjectOptions{ContentType: "application/octet-stream"})
+	// A CDN in front of the bucket may keep every object for good, except
+	// the pointer.
+	cache := "public, max-age=31536000, immutable"
+	if strings.HasSuffix(k, "/latest") {
+		cache = "no-cache"
+	}
+	_, err = s.c.PutObject(ctx, s.bucket, key, r, size, minio.PutObjectOptions{ContentType: "application/octet-stream", CacheControl: cache})
 	return s.s3Err(k, err)
 }
 
