@@ -131,4 +131,3 @@ func (d *dirTarget) List(ctx context.Context, prefix string) ([]string, error) {
 	sort.Strings(keys)
 	return keys, nil
 }
-
