@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
@@ -41,6 +42,10 @@ type PublishOptions struct {
 	Deltas int
 	// Now is the publication time; nil means time.Now.
 	Now func() time.Time
+	// IndexCache, if not empty, is a directory keeping the pack indexes
+	// read from the target (immutable, checked by their hash), so a
+	// publish reads only the indexes published since the last one.
+	IndexCache string
 }
 
 // DefaultFrameBlocks is the frame size publish uses by default: 16 blocks,
@@ -92,7 +97,7 @@ func (p *published) add(id ID, idx *PackIndex) {
 	}
 }
 
-func loadPublished(ctx context.Context, t Target) (*published, error) {
+func loadPublished(ctx context.Context, t Target, cache string) (*published, error) {
 	keys, err := t.List(ctx, "packs/")
 	if err != nil {
 		return nil, fmt.Errorf("publish: listing %s/packs: %w", t, err)
@@ -107,13 +112,38 @@ func loadPublished(ctx context.Context, t Target) (*published, error) {
 		if err != nil {
 			return nil, fmt.Errorf("publish: %s/%s: %w", t, k, err)
 		}
-		idx, err := fetchIndex(ctx, t, id)
+		idx, err := cachedIndex(ctx, t, id, cache)
 		if err != nil {
 			return nil, err
 		}
 		p.add(id, idx)
 	}
 	return p, nil
+}
+
+// cachedIndex reads a pack index from the cache directory when it holds
+// bytes with the right hash, else from the source, keeping a copy.
+func cachedIndex(ctx context.Context, s Source, id ID, cache string) (*PackIndex, error) {
+	if cache == "" {
+		return fetchIndex(ctx, s, id)
+	}
+	path := filepath.Join(cache, id.String()+".idx")
+	if b, err := os.ReadFile(path); err == nil && sum(b) == id {
+		if idx, err := DecodeIndex(b); err == nil {
+			return idx, nil
+		}
+	}
+	b, idx, err := getIndex(ctx, s, id)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cache, 0o755); err == nil {
+		tmp := path + ".tmp"
+		if os.WriteFile(tmp, b, 0o644) == nil {
+			os.Rename(tmp, path)
+		}
+	}
+	return idx, nil
 }
 
 func indexKey(id ID) string { return "packs/" + id.String() + ".idx" }
@@ -126,18 +156,23 @@ func latestKey(name string) string { return name + "/latest" }
 
 // fetchIndex gets and checks a pack index: its bytes must hash to its name.
 func fetchIndex(ctx context.Context, s Source, id ID) (*PackIndex, error) {
+	_, idx, err := getIndex(ctx, s, id)
+	return idx, err
+}
+
+func getIndex(ctx context.Context, s Source, id ID) ([]byte, *PackIndex, error) {
 	b, err := s.Get(ctx, indexKey(id), MaxIndexSize)
 	if err != nil {
-		return nil, fmt.Errorf("publish: pack index %s: %w", id, err)
+		return nil, nil, fmt.Errorf("publish: pack index %s: %w", id, err)
 	}
 	if got := sum(b); got != id {
-		return nil, fmt.Errorf("%w: %s/%s: content hashes to %s", ErrVerify, s, indexKey(id), got)
+		return nil, nil, fmt.Errorf("%w: %s/%s: content hashes to %s", ErrVerify, s, indexKey(id), got)
 	}
 	idx, err := DecodeIndex(b)
 	if err != nil {
-		return nil, fmt.Errorf("%s/%s: %w", s, indexKey(id), err)
+		return nil, nil, fmt.Errorf("%s/%s: %w", s, indexKey(id), err)
 	}
-	return idx, nil
+	return b, idx, nil
 }
 
 // Publish writes img as the newest generation of o.Name: a pack with the
@@ -176,7 +211,7 @@ func Publish(ctx context.Context, img *Image, o PublishOptions) (*PublishStats, 
 		st.UploadedBytes += int64(len(b))
 		return nil
 	}
-	pub, err := loadPublished(ctx, t)
+	pub, err := loadPublished(ctx, t, o.IndexCache)
 	if err != nil {
 		return nil, err
 	}

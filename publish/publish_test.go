@@ -169,7 +169,7 @@ func TestRecipeRoundTrip(t *testing.T) {
 	g1 := testImage(7, 2<<20)
 	publishT(t, pub, "r", g1, PublishOptions{FrameBlocks: 3})
 	tg := dirTargetT(t, pub)
-	p, err := loadPublished(context.Background(), tg)
+	p, err := loadPublished(context.Background(), tg, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,4 +196,26 @@ func mustRead(t testing.TB, p string) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// TestPublishIndexCache: the publisher keeps pack indexes it read; a
+// damaged cached copy is ignored and replaced.
+func TestPublishIndexCache(t *testing.T) {
+	pub, cache := t.TempDir(), t.TempDir()
+	g1 := testImage(91, 2<<20)
+	g2 := rebuild(g1, 92, 32<<10)
+	st := publishT(t, pub, "c", g1, PublishOptions{IndexCache: cache})
+	publishT(t, pub, "c", g2, PublishOptions{IndexCache: cache})
+	cached := filepath.Join(cache, st.PublishedPack.String()+".idx")
+	if !bytes.Equal(mustRead(t, cached), mustRead(t, filepath.Join(pub, indexKey(st.PublishedPack)))) {
+		t.Fatal("index not cached")
+	}
+	writeFile(t, cached, []byte("garbage"))
+	st3 := publishT(t, pub, "c", rebuild(g2, 93, 32<<10), PublishOptions{IndexCache: cache})
+	if st3.NewBlocks == 0 || st3.NewBlocks > 10 {
+		t.Fatalf("publish with a damaged cache: %+v", *st3)
+	}
+	if !bytes.Equal(mustRead(t, cached), mustRead(t, filepath.Join(pub, indexKey(st.PublishedPack)))) {
+		t.Fatal("damaged cache entry not replaced")
+	}
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/ed25519"
 	"fmt"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/internal/units"
@@ -21,6 +23,7 @@ type publishOptions struct {
 	frameBlocks int
 	signKey     string
 	genKey      string
+	indexCache  string
 	quiet       bool
 }
 
@@ -33,6 +36,7 @@ func (o *publishOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.frameBlocks, "frame-blocks", publish.DefaultFrameBlocks, "4 KiB blocks compressed together (1 to 1024): larger compresses better, smaller wastes less when a host needs one block of a frame")
 	fs.StringVar(&o.signKey, "sign-key", "", "sign NAME/latest with this ed25519 secret key `FILE` (see --gen-key); hosts check it with pull --trust")
 	fs.StringVar(&o.genKey, "gen-key", "", "write a new key pair to `FILE` and FILE.pub, then exit")
+	fs.StringVar(&o.indexCache, "index-cache", "", "`DIR` keeping the pack indexes read from --to, so the next publish reads only new ones (default $XDG_CACHE_HOME/nixvm-image/packs; \"none\": no cache)")
 	fs.BoolVarP(&o.quiet, "quiet", "q", false, "only the summary line and errors")
 }
 
@@ -104,6 +108,15 @@ func runPublish(ctx context.Context, o *publishOptions, c Context, args []string
 	if err != nil {
 		return usageError{fmt.Errorf("--to: %w", err)}
 	}
+	cache := o.indexCache
+	switch cache {
+	case "none":
+		cache = ""
+	case "":
+		if d, err := os.UserCacheDir(); err == nil {
+			cache = filepath.Join(d, "nixvm-image", "packs")
+		}
+	}
 	start := time.Now()
 	src, err := push.OpenSource(args[0], nil)
 	if err != nil {
@@ -111,7 +124,7 @@ func runPublish(ctx context.Context, o *publishOptions, c Context, args []string
 	}
 	defer src.Close()
 	st, err := publish.Publish(ctx, &publish.Image{R: src.R, VirtualSize: src.VirtualSize, Blocks: src.Blocks, Digest: src.Digest}, publish.PublishOptions{
-		Target: t, Name: o.name, Level: o.level, FrameBlocks: o.frameBlocks, SignKey: key,
+		Target: t, Name: o.name, Level: o.level, FrameBlocks: o.frameBlocks, SignKey: key, IndexCache: cache,
 	})
 	if err != nil {
 		return err

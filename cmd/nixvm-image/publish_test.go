@@ -34,7 +34,7 @@ func TestPublishPullCLI(t *testing.T) {
 	if code != 0 || !strings.HasPrefix(out, "nixvm-image ed25519 public ") {
 		t.Fatalf("--gen-key: %d %q", code, out)
 	}
-	if out, errs, code := run(t, "publish", filepath.Join(dir, "img.qcow2"), "--name", "cli", "--to", pub, "--sign-key", key); code != 0 || !strings.Contains(out, "signed") {
+	if out, errs, code := run(t, "publish", filepath.Join(dir, "img.qcow2"), "--name", "cli", "--to", pub, "--sign-key", key, "--index-cache", filepath.Join(dir, "cache")); code != 0 || !strings.Contains(out, "signed") {
 		t.Fatalf("publish: %d %s %s", code, out, errs)
 	}
 	link := filepath.Join(dir, "virt", "cli.qcow2")
