@@ -24,11 +24,22 @@ import (
 // TestMain lets the test binary act as the CLI (NIXVM_IMAGE_RUN_MAIN=1), so
 // tests can run it as a subprocess with its own umask and environment
 // without building a separate binary.
+// testProcessDir holds what the tests of this process share (the static
+// binary); TestMain removes it, so nothing is left in the temp dir.
+var testProcessDir string
+
 func TestMain(m *testing.M) {
 	if os.Getenv("NIXVM_IMAGE_RUN_MAIN") == "1" {
 		main()
 	}
-	os.Exit(m.Run())
+	var err error
+	if testProcessDir, err = os.MkdirTemp("", "nixvm-image-test-"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(testProcessDir)
+	os.Exit(code)
 }
 
 // run runs the CLI in-process.

@@ -12,7 +12,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -104,33 +103,11 @@ StrictModes no
 	}
 }
 
-var (
-	selfOnce sync.Once
-	selfBin  string
-	selfErr  error
-)
-
-// buildSelf builds the nixvm-image binary once per test process: the
-// "host" runs it as its serve command.
+// buildSelf returns the static nixvm-image binary the "host" runs as its
+// serve command (the one the VM tests use).
 func buildSelf(t *testing.T) string {
 	t.Helper()
-	selfOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "nixvm-image-bin")
-		if err != nil {
-			selfErr = err
-			return
-		}
-		selfBin = filepath.Join(dir, "nixvm-image")
-		cmd := exec.Command("go", "build", "-o", selfBin, ".")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			selfErr = fmt.Errorf("go build: %v: %s", err, out)
-		}
-	})
-	if selfErr != nil {
-		t.Fatal(selfErr)
-	}
-	return selfBin
+	return staticNixvmImage(t)
 }
 
 // TestPushLocalSubprocess runs the host half as a local subprocess through

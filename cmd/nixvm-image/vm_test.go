@@ -34,12 +34,7 @@ func staticNixvmImage(t *testing.T) string {
 	t.Helper()
 	goTool := testutil.NeedTool(t, "go")[0]
 	staticOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "nixvm-vmtest-")
-		if err != nil {
-			staticErr = err
-			return
-		}
-		staticBin = filepath.Join(dir, "nixvm-image")
+		staticBin = filepath.Join(testProcessDir, "nixvm-image")
 		cmd := exec.Command(goTool, "build", "-trimpath", "-o", staticBin, ".")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
@@ -244,6 +239,10 @@ func TestBuildConfigNix(t *testing.T) {
 	}
 	t.Setenv("NIX_PATH", "nixpkgs="+filepath.Join(testdata, "nixpkgs"))
 	t.Setenv("NIX_CONFIG", "substituters =\nsandbox = false")
+	// The CLI's evaluation directory goes to a temp dir of this test's own,
+	// which must be empty afterwards (other processes share os.TempDir()).
+	tmp := t.TempDir()
+	t.Setenv("TMPDIR", tmp)
 
 	dir := t.TempDir()
 	img := filepath.Join(dir, "baseline.qcow2")
@@ -261,8 +260,8 @@ func TestBuildConfigNix(t *testing.T) {
 		}
 	}
 	checkFileSystems(t, img)
-	if m, _ := filepath.Glob(filepath.Join(os.TempDir(), "nixvm-image-eval-*", "result")); len(m) != 0 {
-		t.Errorf("evaluation out-links left behind: %v", m)
+	if m, _ := filepath.Glob(filepath.Join(tmp, "*")); len(m) != 0 {
+		t.Errorf("evaluation left files behind in TMPDIR: %v", m)
 	}
 
 	// The dry run evaluates the efi variant of the module and prints QEMU's
