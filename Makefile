@@ -4,7 +4,8 @@
 #   make test    install test dependencies (root, Debian 12), go vet, go test
 #   make bench   build time and size against the nixpkgs way (scripts/bench), push bytes
 #                against rsync and the floor (scripts/bench-layout), first-boot growth
-#                against growpart + resize2fs; BENCHMARKS.md reports them
+#                against growpart + resize2fs; publish/pull against desync
+#                (scripts/bench-publish); BENCHMARKS.md reports them
 #   make demo    build a bootable NixOS-shaped system with Nix, build demo/demo.qcow2
 #                from it (bootloader installed by the VM stage), show what it holds,
 #                then boot it on a 4x larger disk and watch nixvm-resize grow /
@@ -38,6 +39,7 @@ test-only: vet
 bench: deps build
 	scripts/bench
 	scripts/bench-layout
+	scripts/bench-publish
 	NIXVM_BENCH=1 $(GO) test -count=1 -run TestBenchGrowVsGrowpart -v ./cmd/nixvm-resize
 
 demo: deps build

@@ -361,6 +361,8 @@ let
       ++ lib.mapAttrsToList (_: g: g.disk.pool) (lib.filterAttrs (_: g: g.disk.type == "pool") cfg.guests)));
 in
 {
+  imports = [ ./pull.nix ]; # services.nixvm.images: pull timers
+
   options.services.nixvm = {
     enable = mkEnableOption "libvirt guests made from nixvm-image base images";
     package = mkOption {
