@@ -179,18 +179,50 @@ func getIndex(ctx context.Context, s Source, id ID) ([]byte, *PackIndex, error) 
 // blocks no earlier pack holds, its index, the recipes, and NAME/latest
 // last.
 func Publish(ctx context.Context, img *Image, o PublishOptions) (*PublishStats, error) {
-	if err := ValidName(o.Name); err != nil {
+	if err := o.check(img); err != nil {
 		return nil, err
+	}
+	pub, err := loadPublished(ctx, o.Target, o.IndexCache)
+	if err != nil {
+		return nil, err
+	}
+	p := &publisher{ctx: ctx, t: o.Target, img: img, o: &o, pub: pub, st: &PublishStats{Digest: ID(img.Digest)}}
+	frames := p.planFrames()
+	if len(frames) > 0 {
+		if err := p.writePack(frames); err != nil {
+			return nil, err
+		}
+	}
+	full := encodeRecipe(img, pub, nil, ID{})
+	fb := full.Encode()
+	p.st.RecipeBytes += int64(len(fb))
+	if err := p.put(fullKey(ID(img.Digest)), fb); err != nil {
+		return nil, err
+	}
+	ptr, err := p.writeDeltas()
+	if err != nil {
+		return nil, err
+	}
+	if err := p.put(latestKey(o.Name), ptr.Encode(o.SignKey)); err != nil {
+		return nil, err
+	}
+	return p.st, nil
+}
+
+// check validates the name and the image and fills in the defaults.
+func (o *PublishOptions) check(img *Image) error {
+	if err := ValidName(o.Name); err != nil {
+		return err
 	}
 	m := &manifest.Manifest{VirtualSize: img.VirtualSize, Blocks: img.Blocks, Digest: img.Digest}
 	if err := m.Validate(); err != nil {
-		return nil, err
+		return err
 	}
 	if o.FrameBlocks <= 0 {
 		o.FrameBlocks = DefaultFrameBlocks
 	}
 	if o.FrameBlocks > MaxFrameBlocks {
-		return nil, fmt.Errorf("publish: %d blocks per frame, at most %d", o.FrameBlocks, MaxFrameBlocks)
+		return fmt.Errorf("publish: %d blocks per frame, at most %d", o.FrameBlocks, MaxFrameBlocks)
 	}
 	if o.Level == 0 {
 		o.Level = 3
@@ -201,173 +233,198 @@ func Publish(ctx context.Context, img *Image, o PublishOptions) (*PublishStats, 
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	t := o.Target
-	st := &PublishStats{Digest: ID(img.Digest)}
-	put := func(key string, b []byte) error {
-		if err := t.Put(ctx, key, bytes.NewReader(b), int64(len(b))); err != nil {
-			return fmt.Errorf("publish: writing %s/%s: %w", t, key, err)
-		}
-		st.Objects++
-		st.UploadedBytes += int64(len(b))
-		return nil
-	}
-	pub, err := loadPublished(ctx, t, o.IndexCache)
-	if err != nil {
-		return nil, err
-	}
+	return nil
+}
 
-	// The new blocks, in image order, cut into frames of consecutive blocks.
+// publisher is one Publish call: what it writes to and what it has
+// written so far.
+type publisher struct {
+	ctx context.Context
+	t   Target
+	img *Image
+	o   *PublishOptions
+	pub *published
+	st  *PublishStats
+}
+
+// frame is a run of consecutive new blocks compressed together.
+type frame struct{ start, n int64 }
+
+func (p *publisher) put(key string, b []byte) error {
+	if err := p.t.Put(p.ctx, key, bytes.NewReader(b), int64(len(b))); err != nil {
+		return fmt.Errorf("publish: writing %s/%s: %w", p.t, key, err)
+	}
+	p.st.Objects++
+	p.st.UploadedBytes += int64(len(b))
+	return nil
+}
+
+// planFrames picks the new blocks, in image order, cut into frames of
+// consecutive blocks.
+func (p *publisher) planFrames() []frame {
 	zero := manifest.ZeroHash()
-	type frame struct{ start, n int64 }
 	var frames []frame
 	fresh := map[manifest.Hash]bool{}
-	for i, h := range img.Blocks {
+	for i, h := range p.img.Blocks {
 		if h == zero {
 			continue
 		}
-		st.Blocks++
-		if _, ok := pub.loc[h]; ok || fresh[h] {
+		p.st.Blocks++
+		if _, ok := p.pub.loc[h]; ok || fresh[h] {
 			continue
 		}
 		fresh[h] = true
-		st.NewBlocks++
-		if l := len(frames) - 1; l >= 0 && frames[l].start+frames[l].n == int64(i) && frames[l].n < int64(o.FrameBlocks) {
+		p.st.NewBlocks++
+		if l := len(frames) - 1; l >= 0 && frames[l].start+frames[l].n == int64(i) && frames[l].n < int64(p.o.FrameBlocks) {
 			frames[l].n++
 		} else {
 			frames = append(frames, frame{int64(i), 1})
 		}
 	}
-	st.Frames = int64(len(frames))
-	if len(frames) > 0 {
-		// Compress on every core, write in order.
-		enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.EncoderLevelFromZstd(o.Level)), zstd.WithEncoderConcurrency(1))
-		if err != nil {
-			return nil, err
-		}
-		tmp, err := os.CreateTemp("", "nixvm-pack-")
-		if err != nil {
-			return nil, err
-		}
-		defer os.Remove(tmp.Name())
-		defer tmp.Close()
-		idx := &PackIndex{}
-		hasher := blake3.New()
-		type result struct {
-			data []byte
-			err  error
-		}
-		workers := runtime.GOMAXPROCS(0)
-		results := make([]chan result, len(frames))
-		for i := range results {
-			results[i] = make(chan result, 1)
-		}
-		sem := make(chan struct{}, workers*2)
-		var wg sync.WaitGroup
-		wctx, cancel := context.WithCancel(ctx)
-		defer cancel()
-		go func() {
-			for i, f := range frames {
-				select {
-				case sem <- struct{}{}:
-				case <-wctx.Done():
-					results[i] <- result{err: wctx.Err()}
-					continue
-				}
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					raw := make([]byte, f.n*BlockSize)
-					end := min(int64(len(raw)), img.VirtualSize-f.start*BlockSize)
-					if k, err := img.R.ReadAt(raw[:end], f.start*BlockSize); int64(k) < end {
-						results[i] <- result{err: fmt.Errorf("publish: reading the image at %d: %v", f.start*BlockSize, err)}
-						return
-					}
-					for j := int64(0); j < f.n; j++ {
-						if got := manifest.HashBlock(raw[j*BlockSize : (j+1)*BlockSize]); got != img.Blocks[f.start+j] {
-							results[i] <- result{err: fmt.Errorf("%w: block %d of the image does not match its manifest (changed while publishing?)", ErrVerify, f.start+j)}
-							return
-						}
-					}
-					results[i] <- result{data: enc.EncodeAll(raw, nil)}
-				}()
-			}
-		}()
-		for i, f := range frames {
-			r := <-results[i]
-			<-sem
-			if r.err != nil {
-				cancel()
-				return nil, r.err
-			}
-			if _, err := tmp.Write(r.data); err != nil {
-				cancel()
-				return nil, fmt.Errorf("publish: writing the pack to %s: %w", tmp.Name(), err)
-			}
-			hasher.Write(r.data)
-			idx.addFrame(int64(len(r.data)), img.Blocks[f.start:f.start+f.n])
-		}
-		wg.Wait()
-		hasher.Sum(idx.PackSum[:0])
-		ib := idx.Encode()
-		id := sum(ib)
-		if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-			return nil, err
-		}
-		// The pack first, then its index: a reader never sees an index
-		// whose pack is not there.
-		if err := t.Put(ctx, packKey(id), tmp, idx.PackSize); err != nil {
-			return nil, fmt.Errorf("publish: writing %s/%s: %w", t, packKey(id), err)
-		}
-		st.Objects++
-		st.UploadedBytes += idx.PackSize
-		if err := put(indexKey(id), ib); err != nil {
-			return nil, err
-		}
-		st.PackBytes, st.IndexBytes, st.PublishedPack = idx.PackSize, int64(len(ib)), id
-		pub.add(id, idx)
-	}
+	p.st.Frames = int64(len(frames))
+	return frames
+}
 
-	full := encodeRecipe(img, pub, nil, ID{})
-	fb := full.Encode()
-	st.RecipeBytes += int64(len(fb))
-	if err := put(fullKey(ID(img.Digest)), fb); err != nil {
+// writePack compresses the frames into a temporary pack, then writes the
+// pack and its index to the target.
+func (p *publisher) writePack(frames []frame) error {
+	tmp, err := os.CreateTemp("", "nixvm-pack-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	defer tmp.Close()
+	idx, err := p.compressFrames(frames, tmp)
+	if err != nil {
+		return err
+	}
+	ib := idx.Encode()
+	id := sum(ib)
+	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
+		return err
+	}
+	// The pack first, then its index: a reader never sees an index
+	// whose pack is not there.
+	if err := p.t.Put(p.ctx, packKey(id), tmp, idx.PackSize); err != nil {
+		return fmt.Errorf("publish: writing %s/%s: %w", p.t, packKey(id), err)
+	}
+	p.st.Objects++
+	p.st.UploadedBytes += idx.PackSize
+	if err := p.put(indexKey(id), ib); err != nil {
+		return err
+	}
+	p.st.PackBytes, p.st.IndexBytes, p.st.PublishedPack = idx.PackSize, int64(len(ib)), id
+	p.pub.add(id, idx)
+	return nil
+}
+
+type frameResult struct {
+	data []byte
+	err  error
+}
+
+// compressFrames compresses the frames on every core and writes them to
+// tmp in order, returning the pack's index.
+func (p *publisher) compressFrames(frames []frame, tmp *os.File) (*PackIndex, error) {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.EncoderLevelFromZstd(p.o.Level)), zstd.WithEncoderConcurrency(1))
+	if err != nil {
 		return nil, err
 	}
+	results := make([]chan frameResult, len(frames))
+	for i := range results {
+		results[i] = make(chan frameResult, 1)
+	}
+	sem := make(chan struct{}, runtime.GOMAXPROCS(0)*2)
+	var wg sync.WaitGroup
+	wctx, cancel := context.WithCancel(p.ctx)
+	defer cancel()
+	go func() {
+		for i, f := range frames {
+			select {
+			case sem <- struct{}{}:
+			case <-wctx.Done():
+				results[i] <- frameResult{err: wctx.Err()}
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				results[i] <- p.compressFrame(enc, f)
+			}()
+		}
+	}()
+	idx := &PackIndex{}
+	hasher := blake3.New()
+	for i, f := range frames {
+		r := <-results[i]
+		<-sem
+		if r.err != nil {
+			cancel()
+			return nil, r.err
+		}
+		if _, err := tmp.Write(r.data); err != nil {
+			cancel()
+			return nil, fmt.Errorf("publish: writing the pack to %s: %w", tmp.Name(), err)
+		}
+		hasher.Write(r.data)
+		idx.addFrame(int64(len(r.data)), p.img.Blocks[f.start:f.start+f.n])
+	}
+	wg.Wait()
+	hasher.Sum(idx.PackSum[:0])
+	return idx, nil
+}
 
-	// Deltas from the generation latest names now and the ones it had
-	// deltas from, newest first.
+// compressFrame reads one frame, checks its blocks against the manifest
+// and compresses it.
+func (p *publisher) compressFrame(enc *zstd.Encoder, f frame) frameResult {
+	img := p.img
+	raw := make([]byte, f.n*BlockSize)
+	end := min(int64(len(raw)), img.VirtualSize-f.start*BlockSize)
+	if k, err := img.R.ReadAt(raw[:end], f.start*BlockSize); int64(k) < end {
+		return frameResult{err: fmt.Errorf("publish: reading the image at %d: %v", f.start*BlockSize, err)}
+	}
+	for j := int64(0); j < f.n; j++ {
+		if got := manifest.HashBlock(raw[j*BlockSize : (j+1)*BlockSize]); got != img.Blocks[f.start+j] {
+			return frameResult{err: fmt.Errorf("%w: block %d of the image does not match its manifest (changed while publishing?)", ErrVerify, f.start+j)}
+		}
+	}
+	return frameResult{data: enc.EncodeAll(raw, nil)}
+}
+
+// writeDeltas writes delta recipes from the generation latest names now
+// and the ones it had deltas from, newest first, and returns the new
+// pointer naming them.
+func (p *publisher) writeDeltas() (*Pointer, error) {
+	img, o := p.img, p.o
 	ptr := &Pointer{Name: o.Name, Digest: ID(img.Digest), VirtualSize: img.VirtualSize, Published: o.Now().UTC().Truncate(time.Second)}
-	prev, err := getPointer(ctx, t, o.Name)
+	prev, err := getPointer(p.ctx, p.t, o.Name)
 	if err != nil && !errors.Is(err, ErrNotFound) {
 		return nil, err
 	}
-	if prev != nil {
-		bases := append([]ID{prev.Digest}, prev.From...)
-		for _, b := range bases {
-			if len(ptr.From) == o.Deltas {
-				break
-			}
-			if b == ID(img.Digest) || contains(ptr.From, b) {
-				continue
-			}
-			bm, err := rebuildFull(ctx, t, pub, b)
-			if err != nil {
-				return nil, fmt.Errorf("publish: the earlier generation %s: %w", b, err)
-			}
-			d := encodeRecipe(img, pub, bm.Blocks, b)
-			db := d.Encode()
-			if err := put(deltaKey(ID(img.Digest), b), db); err != nil {
-				return nil, err
-			}
-			st.RecipeBytes += int64(len(db))
-			st.Deltas++
-			ptr.From = append(ptr.From, b)
+	if prev == nil {
+		return ptr, nil
+	}
+	bases := append([]ID{prev.Digest}, prev.From...)
+	for _, b := range bases {
+		if len(ptr.From) == o.Deltas {
+			break
 		}
+		if b == ID(img.Digest) || contains(ptr.From, b) {
+			continue
+		}
+		bm, err := rebuildFull(p.ctx, p.t, p.pub, b)
+		if err != nil {
+			return nil, fmt.Errorf("publish: the earlier generation %s: %w", b, err)
+		}
+		db := encodeRecipe(img, p.pub, bm.Blocks, b).Encode()
+		if err := p.put(deltaKey(ID(img.Digest), b), db); err != nil {
+			return nil, err
+		}
+		p.st.RecipeBytes += int64(len(db))
+		p.st.Deltas++
+		ptr.From = append(ptr.From, b)
 	}
-	if err := put(latestKey(o.Name), ptr.Encode(o.SignKey)); err != nil {
-		return nil, err
-	}
-	return st, nil
+	return ptr, nil
 }
 
 func contains(ids []ID, id ID) bool {

@@ -164,21 +164,8 @@ type retryable struct{ error }
 func (r *retryable) Unwrap() error { return r.error }
 
 func (p *puller) pull(ctx context.Context) error {
-	pb, err := p.get(ctx, latestKey(p.Name), MaxPointerSize)
+	ptr, err := p.latest(ctx)
 	if err != nil {
-		if errors.Is(err, ErrNotFound) {
-			return fmt.Errorf("nothing published under this name (%w): publish it first: nixvm-image publish IMAGE --name %s --to URL", err, p.Name)
-		}
-		return err
-	}
-	ptr, err := ParsePointer(pb)
-	if err != nil {
-		return err
-	}
-	if ptr.Name != p.Name {
-		return fmt.Errorf("%w: %s/latest names image %q", ErrFormat, p.Name, ptr.Name)
-	}
-	if err := ptr.Verify(p.Trust); err != nil {
 		return err
 	}
 	p.st.Digest, p.st.VirtualSize = ptr.Digest, ptr.VirtualSize
@@ -187,8 +174,8 @@ func (p *puller) pull(ctx context.Context) error {
 		return err
 	}
 	stamp := filepath.Join(scratch, publishedStamp)
-	if last, err := readStamp(stamp); err == nil && ptr.Published.Before(last) && !p.AllowOlder {
-		return fmt.Errorf("%w: %s/latest was published %s, before the generation this host last pulled (published %s): refusing a rollback (a replayed old pointer?); pass --allow-older to install it", ErrUntrusted, p.Name, ptr.Published.Format(time.RFC3339), last.Format(time.RFC3339))
+	if err := p.checkRollback(stamp, ptr); err != nil {
+		return err
 	}
 	installed := func() error { return writeStamp(stamp, ptr.Published) }
 
@@ -196,25 +183,122 @@ func (p *puller) pull(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, g := range gens {
-		if ID(g.Digest) == ptr.Digest {
-			p.st.AlreadyHeld = true
-			if g.Current && p.Link == "" {
-				return installed()
-			}
-			unlock, err := p.Store.Lock(p.Name)
-			if err != nil {
-				return err
-			}
-			defer unlock()
-			if err := p.Store.Activate(p.Name, g.Digest, p.Link); err != nil {
-				return err
-			}
-			return installed()
-		}
+	if held, err := p.activateHeld(gens, ptr, installed); held {
+		return err
+	}
+	local, lists, byDigest := p.localBlocks(gens)
+	m, err := p.blockList(ctx, ptr, byDigest, lists)
+	if err != nil {
+		return err
+	}
+	if m.VirtualSize != ptr.VirtualSize {
+		return fmt.Errorf("%w: recipe size %d, latest says %d", ErrFormat, m.VirtualSize, ptr.VirtualSize)
 	}
 
-	// The local generations' block lists: what the host holds.
+	unlock, err := p.Store.Lock(p.Name)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	w, resume, err := openPartial(scratch, ptr.Digest, m.VirtualSize)
+	if err != nil {
+		return err
+	}
+	defer w.f.Close()
+	if err := p.fill(ctx, ptr, m.Blocks, w, resume, gens, local); err != nil {
+		return err
+	}
+	if err := p.Store.Install(p.Name, m, w.f, p.Link); err != nil {
+		return fmt.Errorf("installing the pulled generation (the partial download %s is kept for the next pull): %w", w.path, diskErrOnly(err))
+	}
+	w.f.Close()
+	os.Remove(w.path)
+	return installed()
+}
+
+// fill fills the partial w with blocks: those a cut pull left (when
+// resume), copies from local generations, then fetched ones; and syncs it.
+func (p *puller) fill(ctx context.Context, ptr *Pointer, blocks []manifest.Hash, w *partial, resume bool, gens []LocalGeneration, local map[manifest.Hash]localLoc) error {
+	var done []bool
+	if resume {
+		var err error
+		if done, err = w.verified(blocks); err != nil {
+			return err
+		}
+	}
+	need, copies := p.planBlocks(blocks, local, done)
+	if err := p.copyLocal(gens, copies, blocks, w, need); err != nil {
+		return err
+	}
+	if err := p.fetch(ctx, ptr, need, w); err != nil {
+		return err
+	}
+	if err := w.f.Sync(); err != nil {
+		return diskErr(w.path, err)
+	}
+	return nil
+}
+
+// checkRollback refuses ptr when it was published before the pointer
+// this host last installed (the stamp), unless AllowOlder.
+func (p *puller) checkRollback(stamp string, ptr *Pointer) error {
+	if last, err := readStamp(stamp); err == nil && ptr.Published.Before(last) && !p.AllowOlder {
+		return fmt.Errorf("%w: %s/latest was published %s, before the generation this host last pulled (published %s): refusing a rollback (a replayed old pointer?); pass --allow-older to install it", ErrUntrusted, p.Name, ptr.Published.Format(time.RFC3339), last.Format(time.RFC3339))
+	}
+	return nil
+}
+
+// latest reads and checks NAME/latest: its name and, with Trust, its
+// signature.
+func (p *puller) latest(ctx context.Context) (*Pointer, error) {
+	pb, err := p.get(ctx, latestKey(p.Name), MaxPointerSize)
+	if err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return nil, fmt.Errorf("nothing published under this name (%w): publish it first: nixvm-image publish IMAGE --name %s --to URL", err, p.Name)
+		}
+		return nil, err
+	}
+	ptr, err := ParsePointer(pb)
+	if err != nil {
+		return nil, err
+	}
+	if ptr.Name != p.Name {
+		return nil, fmt.Errorf("%w: %s/latest names image %q", ErrFormat, p.Name, ptr.Name)
+	}
+	if err := ptr.Verify(p.Trust); err != nil {
+		return nil, err
+	}
+	return ptr, nil
+}
+
+// activateHeld makes the generation ptr names current when the host
+// already holds it, then calls installed, and says whether it held it.
+func (p *puller) activateHeld(gens []LocalGeneration, ptr *Pointer, installed func() error) (bool, error) {
+	for _, g := range gens {
+		if ID(g.Digest) != ptr.Digest {
+			continue
+		}
+		p.st.AlreadyHeld = true
+		if g.Current && p.Link == "" {
+			return true, installed()
+		}
+		unlock, err := p.Store.Lock(p.Name)
+		if err != nil {
+			return true, err
+		}
+		defer unlock()
+		if err := p.Store.Activate(p.Name, g.Digest, p.Link); err != nil {
+			return true, err
+		}
+		return true, installed()
+	}
+	return false, nil
+}
+
+// localBlocks reads the local generations' block lists, what the host
+// holds: where each non-zero hash is, each generation's list, and the
+// generations by digest.
+func (p *puller) localBlocks(gens []LocalGeneration) (map[manifest.Hash]localLoc, [][]manifest.Hash, map[ID]int) {
 	local := map[manifest.Hash]localLoc{}
 	var lists [][]manifest.Hash
 	byDigest := map[ID]int{}
@@ -234,21 +318,14 @@ func (p *puller) pull(ctx context.Context) error {
 		}
 	}
 	delete(local, manifest.ZeroHash())
+	return local, lists, byDigest
+}
 
-	m, err := p.blockList(ctx, ptr, byDigest, lists)
-	if err != nil {
-		return err
-	}
-	if m.VirtualSize != ptr.VirtualSize {
-		return fmt.Errorf("%w: recipe size %d, latest says %d", ErrFormat, m.VirtualSize, ptr.VirtualSize)
-	}
-
-	unlock, err := p.Store.Lock(p.Name)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	rawPath := filepath.Join(scratch, ptr.Digest.String()+".raw")
+// openPartial opens the raw file the pull of digest fills, in scratch,
+// removing anything else there but the stamp; resume says a cut pull
+// left it.
+func openPartial(scratch string, digest ID, size int64) (w *partial, resume bool, err error) {
+	rawPath := filepath.Join(scratch, digest.String()+".raw")
 	if ents, err := os.ReadDir(scratch); err == nil {
 		for _, e := range ents {
 			if e.Name() != filepath.Base(rawPath) && e.Name() != publishedStamp {
@@ -257,28 +334,26 @@ func (p *puller) pull(ctx context.Context) error {
 		}
 	}
 	_, statErr := os.Stat(rawPath)
-	resume := statErr == nil
+	resume = statErr == nil
 	raw, err := os.OpenFile(rawPath, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return err
+		return nil, false, err
 	}
-	defer raw.Close()
-	if err := raw.Truncate(m.VirtualSize); err != nil {
-		return diskErr(rawPath, err)
+	if err := raw.Truncate(size); err != nil {
+		raw.Close()
+		return nil, false, diskErr(rawPath, err)
 	}
-	w := &partial{f: raw, path: rawPath, size: m.VirtualSize}
+	return &partial{f: raw, path: rawPath, size: size}, resume, nil
+}
 
-	// need: the hashes still to be filled, with every position they take.
+// planBlocks says where each block still to be filled comes from: runs
+// copied from local generations, and need, the hashes to fetch with every
+// position they take.
+func (p *puller) planBlocks(blocks []manifest.Hash, local map[manifest.Hash]localLoc, done []bool) (map[manifest.Hash][]int64, []copyRun) {
 	need := map[manifest.Hash][]int64{}
-	var done []bool
-	if resume {
-		if done, err = w.verified(m.Blocks); err != nil {
-			return err
-		}
-	}
 	zero := manifest.ZeroHash()
 	var copies []copyRun
-	for i, h := range m.Blocks {
+	for i, h := range blocks {
 		if h == zero || done != nil && done[i] {
 			if h != zero {
 				p.st.Resumed++
@@ -295,21 +370,7 @@ func (p *puller) pull(ctx context.Context) error {
 		}
 		need[h] = append(need[h], int64(i))
 	}
-	if err := p.copyLocal(gens, copies, m.Blocks, w, need); err != nil {
-		return err
-	}
-	if err := p.fetch(ctx, ptr, need, w); err != nil {
-		return err
-	}
-	if err := raw.Sync(); err != nil {
-		return diskErr(rawPath, err)
-	}
-	if err := p.Store.Install(p.Name, m, raw, p.Link); err != nil {
-		return fmt.Errorf("installing the pulled generation (the partial download %s is kept for the next pull): %w", rawPath, diskErrOnly(err))
-	}
-	raw.Close()
-	os.Remove(rawPath)
-	return installed()
+	return need, copies
 }
 
 // publishedStamp, in the scratch directory, holds the publication time of
@@ -514,6 +575,28 @@ func (p *puller) fetch(ctx context.Context, ptr *Pointer, need map[manifest.Hash
 	if len(need) == 0 {
 		return nil
 	}
+	frames, err := p.locate(ctx, ptr, need)
+	if err != nil {
+		return err
+	}
+	reqs := p.coalesce(frames)
+	p.st.Frames = int64(len(frames))
+	p.st.FetchedBlocks = int64(len(need))
+	if err := p.fetchRanges(ctx, reqs, need, w); err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if len(need) > 0 {
+		return fmt.Errorf("%w: %d blocks not delivered", ErrVerify, len(need))
+	}
+	return nil
+}
+
+// locate finds the frames holding the needed blocks, sorted by pack and
+// position.
+func (p *puller) locate(ctx context.Context, ptr *Pointer, need map[manifest.Hash][]int64) ([]wantFrame, error) {
 	type frameKey struct {
 		pack ID
 		f    int
@@ -540,21 +623,11 @@ func (p *puller) fetch(ctx context.Context, ptr *Pointer, need map[manifest.Hash
 		// A delta recipe points only at packs holding blocks new since its
 		// base; blocks the base should have had (a damaged local copy)
 		// are in packs the full recipe names.
-		b, err := p.get(ctx, fullKey(ptr.Digest), MaxRecipeSize)
-		if err != nil {
-			return err
-		}
-		r, err := DecodeRecipe(b)
-		if err != nil {
-			return err
-		}
-		for _, i := range r.usedPacks() {
-			if _, err := p.index(ctx, r.Packs[i]); err != nil {
-				return err
-			}
+		if err := p.loadFullPacks(ctx, ptr); err != nil {
+			return nil, err
 		}
 		if n := find(); n > 0 {
-			return fmt.Errorf("%w: %d blocks of %s are in no pack the recipe names", ErrFormat, n, ptr.Digest)
+			return nil, fmt.Errorf("%w: %d blocks of %s are in no pack the recipe names", ErrFormat, n, ptr.Digest)
 		}
 	}
 	frames := make([]wantFrame, 0, len(located))
@@ -567,6 +640,30 @@ func (p *puller) fetch(ctx context.Context, ptr *Pointer, need map[manifest.Hash
 		}
 		return frames[i].f < frames[j].f
 	})
+	return frames, nil
+}
+
+// loadFullPacks loads the indexes of the packs ptr's full recipe uses.
+func (p *puller) loadFullPacks(ctx context.Context, ptr *Pointer) error {
+	b, err := p.get(ctx, fullKey(ptr.Digest), MaxRecipeSize)
+	if err != nil {
+		return err
+	}
+	r, err := DecodeRecipe(b)
+	if err != nil {
+		return err
+	}
+	for _, i := range r.usedPacks() {
+		if _, err := p.index(ctx, r.Packs[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// coalesce merges sorted frames of one pack into range requests, closer
+// than MaxGap and at most MaxRequest long.
+func (p *puller) coalesce(frames []wantFrame) []rangeReq {
 	var reqs []rangeReq
 	for _, f := range frames {
 		fr := f.idx.Frames[f.f]
@@ -576,9 +673,12 @@ func (p *puller) fetch(ctx context.Context, ptr *Pointer, need map[manifest.Hash
 		}
 		reqs = append(reqs, rangeReq{pack: f.pack, frames: []wantFrame{f}})
 	}
-	p.st.Frames = int64(len(frames))
-	p.st.FetchedBlocks = int64(len(need))
+	return reqs
+}
 
+// fetchRanges runs the range requests, Parallel at a time, and returns
+// the first error.
+func (p *puller) fetchRanges(ctx context.Context, reqs []rangeReq, need map[manifest.Hash][]int64, w *partial) error {
 	var mu sync.Mutex // guards need and the stats
 	jobs := make(chan rangeReq)
 	errc := make(chan error, p.Parallel)
@@ -619,14 +719,8 @@ feed:
 	case err := <-errc:
 		return err
 	default:
+		return nil
 	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	if len(need) > 0 {
-		return fmt.Errorf("%w: %d blocks not delivered", ErrVerify, len(need))
-	}
-	return nil
 }
 
 // find returns the frame holding h, or -1.
@@ -664,50 +758,76 @@ func (p *puller) fetchRange(ctx context.Context, dec *zstd.Decoder, r rangeReq, 
 			return err
 		}
 		defer body.Close()
-		pos := off
-		var buf []byte
-		var out []byte
+		fr := &frameReader{body: body, pos: off, dec: dec, what: what}
 		for ; next < len(r.frames); next++ {
 			wf := r.frames[next]
-			fr := wf.idx.Frames[wf.f]
-			if _, err := io.CopyN(io.Discard, body, fr.Offset-pos); err != nil {
-				return fmt.Errorf("%s: %w", what, noEOF(err))
+			out, err := fr.next(wf.idx.Frames[wf.f])
+			if err != nil {
+				return err
 			}
-			if int64(cap(buf)) < fr.Length {
-				buf = make([]byte, fr.Length)
-			}
-			buf = buf[:fr.Length]
-			if _, err := io.ReadFull(body, buf); err != nil {
-				return fmt.Errorf("%s: %w", what, noEOF(err))
-			}
-			pos = fr.Offset + fr.Length
-			out, err = dec.DecodeAll(buf, out[:0])
-			if err != nil || len(out) != len(fr.Blocks)*BlockSize {
-				return &retryable{fmt.Errorf("%w: %s: frame at %d does not decode to its %d blocks (%v)", ErrVerify, what, fr.Offset, len(fr.Blocks), err)}
-			}
-			for j, h := range fr.Blocks {
-				blk := out[j*BlockSize : (j+1)*BlockSize]
-				if manifest.HashBlock(blk) != h {
-					return &retryable{fmt.Errorf("%w: %s: block %d of the frame at %d does not match its hash", ErrVerify, what, j, fr.Offset)}
-				}
-			}
-			for j, h := range fr.Blocks {
-				mu.Lock()
-				at, ok := need[h]
-				delete(need, h)
-				mu.Unlock()
-				if !ok {
-					continue
-				}
-				for _, i := range at {
-					if err := w.writeBlock(i, out[j*BlockSize:(j+1)*BlockSize]); err != nil {
-						return err
-					}
-				}
+			if err := deliver(wf.idx.Frames[wf.f], out, need, mu, w); err != nil {
+				return err
 			}
 		}
 		return nil
 	})
+}
+
+// frameReader reads the frames of one range response in order.
+type frameReader struct {
+	body     io.Reader
+	pos      int64
+	dec      *zstd.Decoder
+	what     string
+	buf, out []byte
+}
+
+// next skips to frame fr, reads, decodes and checks it, and returns its
+// blocks.
+func (r *frameReader) next(fr Frame) ([]byte, error) {
+	if _, err := io.CopyN(io.Discard, r.body, fr.Offset-r.pos); err != nil {
+		return nil, fmt.Errorf("%s: %w", r.what, noEOF(err))
+	}
+	if int64(cap(r.buf)) < fr.Length {
+		r.buf = make([]byte, fr.Length)
+	}
+	r.buf = r.buf[:fr.Length]
+	if _, err := io.ReadFull(r.body, r.buf); err != nil {
+		return nil, fmt.Errorf("%s: %w", r.what, noEOF(err))
+	}
+	r.pos = fr.Offset + fr.Length
+	var err error
+	r.out, err = r.dec.DecodeAll(r.buf, r.out[:0])
+	if err != nil || len(r.out) != len(fr.Blocks)*BlockSize {
+		return nil, &retryable{fmt.Errorf("%w: %s: frame at %d does not decode to its %d blocks (%v)", ErrVerify, r.what, fr.Offset, len(fr.Blocks), err)}
+	}
+	for j, h := range fr.Blocks {
+		blk := r.out[j*BlockSize : (j+1)*BlockSize]
+		if manifest.HashBlock(blk) != h {
+			return nil, &retryable{fmt.Errorf("%w: %s: block %d of the frame at %d does not match its hash", ErrVerify, r.what, j, fr.Offset)}
+		}
+	}
+	return r.out, nil
+}
+
+// deliver writes the decoded blocks of fr still needed to every position
+// they take, and takes them off need.
+func deliver(fr Frame, out []byte, need map[manifest.Hash][]int64, mu *sync.Mutex, w *partial) error {
+	for j, h := range fr.Blocks {
+		mu.Lock()
+		at, ok := need[h]
+		delete(need, h)
+		mu.Unlock()
+		if !ok {
+			continue
+		}
+		for _, i := range at {
+			if err := w.writeBlock(i, out[j*BlockSize:(j+1)*BlockSize]); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func noEOF(err error) error {
