@@ -311,8 +311,7 @@ func (r *Recipe) Encode() []byte {
 // describe exactly the image's block count. Run bounds against the base
 // and the packs are checked by Blocks.
 func DecodeRecipe(b []byte) (*Recipe, error) {
-	const what = "recipe"
-	body, err := checkObject(b, what, recipeMagic, 96, MaxRecipeSize)
+	body, err := checkObject(b, recipeWhat, recipeMagic, 96, MaxRecipeSize)
 	if err != nil {
 		return nil, err
 	}
@@ -321,75 +320,94 @@ func DecodeRecipe(b []byte) (*Recipe, error) {
 	copy(r.Base[:], b[48:80])
 	size := binary.BigEndian.Uint64(b[80:])
 	if size == 0 || size > uint64(maxVirtualSize) {
-		return nil, formatErr(what, "virtual size %d out of range 1 to %d", size, maxVirtualSize)
+		return nil, formatErr(recipeWhat, "virtual size %d out of range 1 to %d", size, maxVirtualSize)
 	}
 	r.VirtualSize = int64(size)
 	np := binary.BigEndian.Uint64(b[88:])
 	rest := body[96:]
 	if np > maxPacks || np*32 > uint64(len(rest)) {
-		return nil, formatErr(what, "%d packs in %d bytes", np, len(rest))
+		return nil, formatErr(recipeWhat, "%d packs in %d bytes", np, len(rest))
 	}
 	for i := uint64(0); i < np; i++ {
 		r.Packs = append(r.Packs, ID(rest[:32]))
 		rest = rest[32:]
 	}
-	total := uint64(manifest.BlockCount(r.VirtualSize))
-	var at uint64
-	uv := func(field string) (uint64, error) {
-		v, n := binary.Uvarint(rest)
-		if n <= 0 {
-			return 0, formatErr(what, "run at block %d: bad %s", at, field)
-		}
-		rest = rest[n:]
-		return v, nil
-	}
-	for at < total {
-		if len(rest) == 0 {
-			return nil, formatErr(what, "runs end at block %d of %d", at, total)
-		}
-		o := Op{Kind: rest[0]}
-		rest = rest[1:]
-		if o.Kind >= opLimit {
-			return nil, formatErr(what, "run at block %d: unknown kind %d", at, o.Kind)
-		}
-		if o.Kind == opPack {
-			p, err := uv("pack")
-			if err != nil {
-				return nil, err
-			}
-			if p >= np {
-				return nil, formatErr(what, "run at block %d: pack %d of %d", at, p, np)
-			}
-			o.Pack = int(p)
-		}
-		if o.Kind != opZero {
-			s, err := uv("start")
-			if err != nil {
-				return nil, err
-			}
-			if s > manifest.MaxVirtualSize/BlockSize {
-				return nil, formatErr(what, "run at block %d: start %d out of range", at, s)
-			}
-			o.Start = int64(s)
-		}
-		n, err := uv("length")
+	d := &runDecoder{rest: rest, total: uint64(manifest.BlockCount(r.VirtualSize)), packs: np}
+	for d.at < d.total {
+		o, err := d.op()
 		if err != nil {
 			return nil, err
 		}
-		if n == 0 || n > total-at {
-			return nil, formatErr(what, "run at block %d: %d blocks, %d left", at, n, total-at)
-		}
-		if o.Kind == opSelf && uint64(o.Start)+n > at {
-			return nil, formatErr(what, "run at block %d: repeats blocks %d to %d, not yet known", at, o.Start, uint64(o.Start)+n)
-		}
-		o.N = int64(n)
 		r.Ops = append(r.Ops, o)
-		at += n
+		d.at += uint64(o.N)
 	}
-	if len(rest) != 0 {
-		return nil, formatErr(what, "%d bytes after the last run", len(rest))
+	if len(d.rest) != 0 {
+		return nil, formatErr(recipeWhat, "%d bytes after the last run", len(d.rest))
 	}
 	return r, nil
+}
+
+const recipeWhat = "recipe"
+
+// runDecoder reads the runs of a recipe: rest is what is left of it, at
+// the block the next run starts at.
+type runDecoder struct {
+	rest      []byte
+	at, total uint64
+	packs     uint64
+}
+
+func (d *runDecoder) uvarint(field string) (uint64, error) {
+	v, n := binary.Uvarint(d.rest)
+	if n <= 0 {
+		return 0, formatErr(recipeWhat, "run at block %d: bad %s", d.at, field)
+	}
+	d.rest = d.rest[n:]
+	return v, nil
+}
+
+// op reads and checks the next run.
+func (d *runDecoder) op() (Op, error) {
+	if len(d.rest) == 0 {
+		return Op{}, formatErr(recipeWhat, "runs end at block %d of %d", d.at, d.total)
+	}
+	o := Op{Kind: d.rest[0]}
+	d.rest = d.rest[1:]
+	if o.Kind >= opLimit {
+		return Op{}, formatErr(recipeWhat, "run at block %d: unknown kind %d", d.at, o.Kind)
+	}
+	if o.Kind == opPack {
+		p, err := d.uvarint("pack")
+		if err != nil {
+			return Op{}, err
+		}
+		if p >= d.packs {
+			return Op{}, formatErr(recipeWhat, "run at block %d: pack %d of %d", d.at, p, d.packs)
+		}
+		o.Pack = int(p)
+	}
+	if o.Kind != opZero {
+		s, err := d.uvarint("start")
+		if err != nil {
+			return Op{}, err
+		}
+		if s > manifest.MaxVirtualSize/BlockSize {
+			return Op{}, formatErr(recipeWhat, "run at block %d: start %d out of range", d.at, s)
+		}
+		o.Start = int64(s)
+	}
+	n, err := d.uvarint("length")
+	if err != nil {
+		return Op{}, err
+	}
+	if n == 0 || n > d.total-d.at {
+		return Op{}, formatErr(recipeWhat, "run at block %d: %d blocks, %d left", d.at, n, d.total-d.at)
+	}
+	if o.Kind == opSelf && uint64(o.Start)+n > d.at {
+		return Op{}, formatErr(recipeWhat, "run at block %d: repeats blocks %d to %d, not yet known", d.at, o.Start, uint64(o.Start)+n)
+	}
+	o.N = int64(n)
+	return o, nil
 }
 
 // Blocks expands the recipe into a block list and checks it against the

@@ -64,86 +64,117 @@ func (p *Pointer) Encode(key ed25519.PrivateKey) []byte {
 
 // ParsePointer parses NAME/latest strictly: every line known, in order.
 func ParsePointer(b []byte) (*Pointer, error) {
-	const what = "NAME/latest"
 	if len(b) > MaxPointerSize {
-		return nil, formatErr(what, "%d bytes, at most %d allowed", len(b), MaxPointerSize)
+		return nil, formatErr(pointerWhat, "%d bytes, at most %d allowed", len(b), MaxPointerSize)
 	}
 	if len(b) == 0 || b[len(b)-1] != '\n' {
-		return nil, formatErr(what, "not newline-terminated text")
+		return nil, formatErr(pointerWhat, "not newline-terminated text")
 	}
-	lines := strings.Split(string(b[:len(b)-1]), "\n")
+	lines := pointerLines(strings.Split(string(b[:len(b)-1]), "\n"))
 	if lines[0] != pointerHeader {
-		return nil, formatErr(what, "first line %q, want %q", truncate(lines[0], 60), pointerHeader)
+		return nil, formatErr(pointerWhat, "first line %q, want %q", truncate(lines[0], 60), pointerHeader)
 	}
 	p := &Pointer{}
-	field := func(i int, key string) (string, error) {
-		if i >= len(lines) {
-			return "", formatErr(what, "no %s line", key)
-		}
-		v, ok := strings.CutPrefix(lines[i], key+" ")
-		if !ok {
-			return "", formatErr(what, "line %d: %q, want %s", i+1, truncate(lines[i], 60), key)
-		}
-		return v, nil
-	}
-	var err error
-	var v string
-	if p.Name, err = field(1, "name"); err != nil {
+	if err := lines.parseFields(p); err != nil {
 		return nil, err
 	}
-	if err := ValidName(p.Name); err != nil {
-		return nil, formatErr(what, "%v", err)
-	}
-	if v, err = field(2, "digest"); err != nil {
+	i, err := lines.parseFrom(p, 5)
+	if err != nil {
 		return nil, err
-	}
-	if p.Digest, err = ParseID(v); err != nil {
-		return nil, err
-	}
-	if v, err = field(3, "size"); err != nil {
-		return nil, err
-	}
-	n, err := strconv.ParseInt(v, 10, 64)
-	if err != nil || n <= 0 || n > maxVirtualSize {
-		return nil, formatErr(what, "size %q out of range 1 to %d", truncate(v, 30), maxVirtualSize)
-	}
-	p.VirtualSize = n
-	if v, err = field(4, "published"); err != nil {
-		return nil, err
-	}
-	if p.Published, err = time.Parse(time.RFC3339, v); err != nil {
-		return nil, formatErr(what, "published %q: %v", truncate(v, 40), err)
-	}
-	i := 5
-	for ; i < len(lines) && strings.HasPrefix(lines[i], "from "); i++ {
-		if len(p.From) == maxDeltas {
-			return nil, formatErr(what, "more than %d from lines", maxDeltas)
-		}
-		id, err := ParseID(lines[i][5:])
-		if err != nil {
-			return nil, err
-		}
-		p.From = append(p.From, id)
 	}
 	if i < len(lines) {
-		v, err := field(i, "signature ed25519")
-		if err != nil {
+		if err := lines.parseSignature(p, i); err != nil {
 			return nil, err
 		}
-		k, s, ok := strings.Cut(v, " ")
-		pub, err1 := base64.StdEncoding.DecodeString(k)
-		sig, err2 := base64.StdEncoding.DecodeString(s)
-		if !ok || err1 != nil || err2 != nil || len(pub) != ed25519.PublicKeySize || len(sig) != ed25519.SignatureSize {
-			return nil, formatErr(what, "line %d: malformed signature", i+1)
-		}
-		p.SignedBy, p.signature = pub, sig
 		p.signed = b[:len(b)-len(lines[i])-1]
 		i++
 	}
 	if i != len(lines) {
-		return nil, formatErr(what, "line %d: %q after the signature", i+1, truncate(lines[i], 60))
+		return nil, formatErr(pointerWhat, "line %d: %q after the signature", i+1, truncate(lines[i], 60))
 	}
 	return p, nil
+}
+
+const pointerWhat = "NAME/latest"
+
+// pointerLines are the lines of NAME/latest, without their newlines.
+type pointerLines []string
+
+// field returns the value of line i, which must start with key.
+func (lines pointerLines) field(i int, key string) (string, error) {
+	if i >= len(lines) {
+		return "", formatErr(pointerWhat, "no %s line", key)
+	}
+	v, ok := strings.CutPrefix(lines[i], key+" ")
+	if !ok {
+		return "", formatErr(pointerWhat, "line %d: %q, want %s", i+1, truncate(lines[i], 60), key)
+	}
+	return v, nil
+}
+
+// parseFields reads lines 2 to 5: name, digest, size and published.
+func (lines pointerLines) parseFields(p *Pointer) error {
+	var err error
+	var v string
+	if p.Name, err = lines.field(1, "name"); err != nil {
+		return err
+	}
+	if err := ValidName(p.Name); err != nil {
+		return formatErr(pointerWhat, "%v", err)
+	}
+	if v, err = lines.field(2, "digest"); err != nil {
+		return err
+	}
+	if p.Digest, err = ParseID(v); err != nil {
+		return err
+	}
+	if v, err = lines.field(3, "size"); err != nil {
+		return err
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n <= 0 || n > maxVirtualSize {
+		return formatErr(pointerWhat, "size %q out of range 1 to %d", truncate(v, 30), maxVirtualSize)
+	}
+	p.VirtualSize = n
+	if v, err = lines.field(4, "published"); err != nil {
+		return err
+	}
+	if p.Published, err = time.Parse(time.RFC3339, v); err != nil {
+		return formatErr(pointerWhat, "published %q: %v", truncate(v, 40), err)
+	}
+	return nil
+}
+
+// parseFrom reads the from lines starting at line i and returns the
+// index of the first line after them.
+func (lines pointerLines) parseFrom(p *Pointer, i int) (int, error) {
+	for ; i < len(lines) && strings.HasPrefix(lines[i], "from "); i++ {
+		if len(p.From) == maxDeltas {
+			return 0, formatErr(pointerWhat, "more than %d from lines", maxDeltas)
+		}
+		id, err := ParseID(lines[i][5:])
+		if err != nil {
+			return 0, err
+		}
+		p.From = append(p.From, id)
+	}
+	return i, nil
+}
+
+// parseSignature reads the signature line i.
+func (lines pointerLines) parseSignature(p *Pointer, i int) error {
+	v, err := lines.field(i, "signature ed25519")
+	if err != nil {
+		return err
+	}
+	k, s, ok := strings.Cut(v, " ")
+	pub, err1 := base64.StdEncoding.DecodeString(k)
+	sig, err2 := base64.StdEncoding.DecodeString(s)
+	if !ok || err1 != nil || err2 != nil || len(pub) != ed25519.PublicKeySize || len(sig) != ed25519.SignatureSize {
+		return formatErr(pointerWhat, "line %d: malformed signature", i+1)
+	}
+	p.SignedBy, p.signature = pub, sig
+	return nil
 }
 
 // ErrUntrusted reports a pointer that is not signed by a trusted key.
