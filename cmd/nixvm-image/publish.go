@@ -85,17 +85,8 @@ func runPublish(ctx context.Context, o *publishOptions, c Context, args []string
 	if len(args) != 1 {
 		return usagef("give one IMAGE")
 	}
-	if err := publish.ValidName(o.name); err != nil {
-		return usageError{fmt.Errorf("--name: %w", err)}
-	}
-	if o.to == "" {
-		return usagef("--to is required: file:///DIR or s3://BUCKET/PREFIX")
-	}
-	if o.level < 1 || o.level > 22 {
-		return usagef("--compression-level %d: want 1 to 22", o.level)
-	}
-	if o.frameBlocks < 1 || o.frameBlocks > publish.MaxFrameBlocks {
-		return usagef("--frame-blocks %d: want 1 to %d", o.frameBlocks, publish.MaxFrameBlocks)
+	if err := o.check(); err != nil {
+		return err
 	}
 	var key ed25519.PrivateKey
 	if o.signKey != "" {
@@ -108,15 +99,6 @@ func runPublish(ctx context.Context, o *publishOptions, c Context, args []string
 	if err != nil {
 		return usageError{fmt.Errorf("--to: %w", err)}
 	}
-	cache := o.indexCache
-	switch cache {
-	case "none":
-		cache = ""
-	case "":
-		if d, err := os.UserCacheDir(); err == nil {
-			cache = filepath.Join(d, "nixvm-image", "packs")
-		}
-	}
 	start := time.Now()
 	src, err := push.OpenSource(args[0], nil)
 	if err != nil {
@@ -124,7 +106,7 @@ func runPublish(ctx context.Context, o *publishOptions, c Context, args []string
 	}
 	defer src.Close()
 	st, err := publish.Publish(ctx, &publish.Image{R: src.R, VirtualSize: src.VirtualSize, Blocks: src.Blocks, Digest: src.Digest}, publish.PublishOptions{
-		Target: t, Name: o.name, Level: o.level, FrameBlocks: o.frameBlocks, SignKey: key, IndexCache: cache,
+		Target: t, Name: o.name, Level: o.level, FrameBlocks: o.frameBlocks, SignKey: key, IndexCache: o.cacheDir(),
 	})
 	if err != nil {
 		return err
@@ -137,4 +119,36 @@ func runPublish(ctx context.Context, o *publishOptions, c Context, args []string
 		args[0], o.name, st.Digest[:8], t, st.NewBlocks, st.Blocks, units.Bytes(st.UploadedBytes), st.UploadedBytes, st.Objects,
 		st.PackBytes, st.IndexBytes, st.RecipeBytes, st.Deltas, signed, time.Since(start).Round(time.Millisecond))
 	return nil
+}
+
+// check checks the flags of a publish of an image.
+func (o *publishOptions) check() error {
+	if err := publish.ValidName(o.name); err != nil {
+		return usageError{fmt.Errorf("--name: %w", err)}
+	}
+	if o.to == "" {
+		return usagef("--to is required: file:///DIR or s3://BUCKET/PREFIX")
+	}
+	if o.level < 1 || o.level > 22 {
+		return usagef("--compression-level %d: want 1 to 22", o.level)
+	}
+	if o.frameBlocks < 1 || o.frameBlocks > publish.MaxFrameBlocks {
+		return usagef("--frame-blocks %d: want 1 to %d", o.frameBlocks, publish.MaxFrameBlocks)
+	}
+	return nil
+}
+
+// cacheDir is the pack index cache --index-cache names: "none" for none,
+// by default one in the user's cache directory.
+func (o *publishOptions) cacheDir() string {
+	switch o.indexCache {
+	case "none":
+		return ""
+	case "":
+		if d, err := os.UserCacheDir(); err == nil {
+			return filepath.Join(d, "nixvm-image", "packs")
+		}
+		return ""
+	}
+	return o.indexCache
 }

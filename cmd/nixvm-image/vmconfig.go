@@ -224,23 +224,9 @@ func resizeBinary(flag string) (string, error) {
 // system's path only, building nothing; it returns "" when that system is not
 // in the store (there is then no kernel to show the VM stage with).
 func (o *nixOptions) buildSystem(ctx context.Context, config, flake string, layout partition.Layout, dryRun bool, stdout, log io.Writer) (string, func(), error) {
-	req := nixRequest{Layout: layout, Eval: dryRun}
-	if config != "" {
-		if _, err := os.Stat(config); err != nil {
-			return "", nil, usagef("CONFIG.nix: %v", err)
-		}
-		abs, err := filepath.Abs(config)
-		if err != nil {
-			return "", nil, err
-		}
-		req.Config = abs
-	} else {
-		host, _ := os.Hostname()
-		ref, err := parseFlake(flake, host)
-		if err != nil {
-			return "", nil, err
-		}
-		req.Flake = ref
+	req, err := newNixRequest(config, flake, layout, dryRun)
+	if err != nil {
+		return "", nil, err
 	}
 	pt, err := o.passThrough(flake != "")
 	if err != nil {
@@ -263,36 +249,101 @@ func (o *nixOptions) buildSystem(ctx context.Context, config, flake string, layo
 		cleanup()
 		return "", nil, err
 	}
+	if err := req.stage(dir, resize, keep); err != nil {
+		return fail(err)
+	}
+	if dryRun {
+		if err := showBuild(req, pt, stdout); err != nil {
+			return fail(err)
+		}
+	}
+	argv, err := nixCommand(req, pt)
+	if err != nil {
+		return fail(err)
+	}
+	out, err := runNix(ctx, argv, req, log)
+	if err != nil {
+		return fail(err)
+	}
+	if dryRun {
+		top, err := evaluatedSystem(argv, out, req, stdout)
+		if err != nil {
+			return fail(err)
+		}
+		if top == "" {
+			cleanup()
+			return "", func() {}, nil
+		}
+		return top, cleanup, nil
+	}
+	top, err := os.Readlink(req.OutLink)
+	if err != nil {
+		return fail(fmt.Errorf("%s made no out-link: %w", argv[0], err))
+	}
+	return top, cleanup, nil
+}
+
+// showBuild prints the command a build of req, not only an evaluation,
+// would run.
+func showBuild(req nixRequest, pt []string, stdout io.Writer) error {
+	req.Eval = false
+	argv, err := nixCommand(req, pt)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "# the build would run (--dry-run only evaluates, building nothing):\n%s\n", shquote.Join(argv))
+	return nil
+}
+
+// newNixRequest starts the request for CONFIG.nix, or else for --flake.
+func newNixRequest(config, flake string, layout partition.Layout, dryRun bool) (nixRequest, error) {
+	req := nixRequest{Layout: layout, Eval: dryRun}
+	if config != "" {
+		if _, err := os.Stat(config); err != nil {
+			return req, usagef("CONFIG.nix: %v", err)
+		}
+		abs, err := filepath.Abs(config)
+		if err != nil {
+			return req, err
+		}
+		req.Config = abs
+		return req, nil
+	}
+	host, _ := os.Hostname()
+	ref, err := parseFlake(flake, host)
+	if err != nil {
+		return req, err
+	}
+	req.Flake = ref
+	return req, nil
+}
+
+// stage writes the guest module and a copy of the resize binary (when
+// not "") into dir, and sets the out-link: keep, else one in dir.
+func (req *nixRequest) stage(dir, resize, keep string) error {
 	req.Module = filepath.Join(dir, "nixvm-guest.nix")
 	if err := os.WriteFile(req.Module, nixmodule.GuestModule, 0o644); err != nil {
-		return fail(err)
+		return err
 	}
 	if resize != "" {
 		req.Resize = filepath.Join(dir, "nixvm-resize")
 		if err := copyExecutable(resize, filepath.Join(req.Resize, "bin", "nixvm-resize")); err != nil {
-			return fail(err)
+			return err
 		}
 	}
 	req.OutLink = filepath.Join(dir, "result")
 	if keep != "" {
 		req.OutLink = keep
 	}
-	if dryRun {
-		build := req
-		build.Eval = false
-		argv, err := nixCommand(build, pt)
-		if err != nil {
-			return fail(err)
-		}
-		fmt.Fprintf(stdout, "# the build would run (--dry-run only evaluates, building nothing):\n%s\n", shquote.Join(argv))
-	}
-	argv, err := nixCommand(req, pt)
-	if err != nil {
-		return fail(err)
-	}
+	return nil
+}
+
+// runNix runs argv, logging the command and Nix's messages to log when
+// not nil, and returns its standard output.
+func runNix(ctx context.Context, argv []string, req nixRequest, log io.Writer) ([]byte, error) {
 	if log != nil {
 		what := "evaluating and building the system"
-		if dryRun {
+		if req.Eval {
 			what = "evaluating the system"
 		}
 		fmt.Fprintf(log, "%s: %s\n", what, shquote.Join(argv))
@@ -306,28 +357,26 @@ func (o *nixOptions) buildSystem(ctx context.Context, config, flake string, layo
 		cmd.Stderr = &stderr
 	}
 	if err := cmd.Run(); err != nil {
-		return fail(nixError(argv, err, stderr.String(), req))
+		return nil, nixError(argv, err, stderr.String(), req)
 	}
-	if dryRun {
-		top := strings.TrimSpace(out.String())
-		if req.Config != "" {
-			if err := json.Unmarshal(out.Bytes(), &top); err != nil {
-				return fail(fmt.Errorf("%s printed %q, not a store path", argv[0], out.String()))
-			}
+	return out.Bytes(), nil
+}
+
+// evaluatedSystem reads the system path an evaluation printed and says on
+// stdout whether it is built; it returns "" when it is not.
+func evaluatedSystem(argv []string, out []byte, req nixRequest, stdout io.Writer) (string, error) {
+	top := strings.TrimSpace(string(out))
+	if req.Config != "" {
+		if err := json.Unmarshal(out, &top); err != nil {
+			return "", fmt.Errorf("%s printed %q, not a store path", argv[0], string(out))
 		}
-		if _, err := os.Stat(top); err != nil {
-			fmt.Fprintf(stdout, "# system: %s, not built; the VM stage boots its kernel once the build has built it\n", top)
-			cleanup()
-			return "", func() {}, nil
-		}
-		fmt.Fprintf(stdout, "# system: %s (already built)\n", top)
-		return top, cleanup, nil
 	}
-	top, err := os.Readlink(req.OutLink)
-	if err != nil {
-		return fail(fmt.Errorf("%s made no out-link: %w", argv[0], err))
+	if _, err := os.Stat(top); err != nil {
+		fmt.Fprintf(stdout, "# system: %s, not built; the VM stage boots its kernel once the build has built it\n", top)
+		return "", nil
 	}
-	return top, cleanup, nil
+	fmt.Fprintf(stdout, "# system: %s (already built)\n", top)
+	return top, nil
 }
 
 // nixError is the error of a failed Nix run: the command, Nix's message
