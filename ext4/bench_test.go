@@ -73,12 +73,7 @@ func TestHtreeTwoLevels(t *testing.T) {
 		t.Fatalf("debugfs htree d: want 1 indirect level: %v\n%.2000s", err, out)
 	}
 	t.Run("mount", func(t *testing.T) {
-		testutil.NeedRoot(t)
-		mnt := t.TempDir()
-		if out, err := exec.Command("mount", "-t", "ext4", "-o", "loop,ro", img, mnt).CombinedOutput(); err != nil {
-			testutil.Skip(t, "mount: %v\n%s", err, out)
-		}
-		defer exec.Command("umount", mnt).Run()
+		mnt := mountRO(t, img)
 		// Lookups by name go through the index.
 		for i := 0; i < n; i += 7 {
 			if _, err := os.Lstat(filepath.Join(mnt, tr[1+i].h.Name)); err != nil {

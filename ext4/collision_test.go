@@ -4,12 +4,9 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"testing"
-
-	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // TestHtreeHashCollision puts two names with the same hash on both sides of
@@ -62,12 +59,7 @@ func TestHtreeHashCollision(t *testing.T) {
 	img, _ := mustBuild(t, tree, opts)
 	e2fsck(t, img)
 	t.Run("mount", func(t *testing.T) {
-		testutil.NeedRoot(t)
-		mnt := t.TempDir()
-		if out, err := exec.Command("mount", "-t", "ext4", "-o", "loop,ro", img, mnt).CombinedOutput(); err != nil {
-			testutil.Skip(t, "mount: %v\n%s", err, out)
-		}
-		defer exec.Command("umount", mnt).Run()
+		mnt := mountRO(t, img)
 		for _, n := range []string{a, b, fillers[0], fillers[253]} {
 			if _, err := os.Lstat(filepath.Join(mnt, "d", n)); err != nil {
 				t.Errorf("lookup %s (hash %#x): %v", n, h, err)

@@ -138,14 +138,8 @@ func (w *Writer) unit(name string) *unitState {
 // BeginUnit makes the following headers, until the next BeginUnit, part of
 // the unit name (see Placements). Beginning a unit again continues it.
 func (w *Writer) BeginUnit(name string) error {
-	if w.closed {
-		return ErrWriteAfterClose
-	}
-	if w.err != nil {
-		return w.err
-	}
-	if err := w.finishFile(); err != nil {
-		return w.fail(err)
+	if err := w.nextEntry(); err != nil {
+		return err
 	}
 	w.cu = w.unit(name)
 	return nil

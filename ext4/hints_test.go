@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"reflect"
 	"sort"
 	"testing"
@@ -87,15 +86,8 @@ func storeGen(pkgs map[string]int, dbBlocks int64, top string) unitTree {
 // buildUnits writes t into a new sparse file of opts.Size.
 func buildUnits(t testing.TB, tree unitTree, opts Options) (string, *Writer) {
 	t.Helper()
-	p := filepath.Join(t.TempDir(), "fs.img")
-	f, err := os.Create(p)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, f := sparseFile(t, opts.Size)
 	defer f.Close()
-	if err := f.Truncate(opts.Size); err != nil {
-		t.Fatal(err)
-	}
 	w, err := NewWriter(f, opts)
 	if err != nil {
 		t.Fatal(err)

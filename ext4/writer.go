@@ -239,9 +239,9 @@ func fileType(mode uint16) uint8 {
 	return ftReg
 }
 
-// WriteHeader adds an entry. Its parent directory must exist already. For a
-// regular file, Write must then receive exactly h.Size bytes.
-func (w *Writer) WriteHeader(h *Header) error {
+// nextEntry ends the file being written, if any, before the next header
+// or unit; it fails after Close or an earlier error.
+func (w *Writer) nextEntry() error {
 	if w.closed {
 		return ErrWriteAfterClose
 	}
@@ -250,6 +250,15 @@ func (w *Writer) WriteHeader(h *Header) error {
 	}
 	if err := w.finishFile(); err != nil {
 		return w.fail(err)
+	}
+	return nil
+}
+
+// WriteHeader adds an entry. Its parent directory must exist already. For a
+// regular file, Write must then receive exactly h.Size bytes.
+func (w *Writer) WriteHeader(h *Header) error {
+	if err := w.nextEntry(); err != nil {
+		return err
 	}
 	if err := w.writeHeader(h); err != nil {
 		return w.fail(err)

@@ -71,15 +71,8 @@ func testOpts(size int64) Options {
 // path, or the first error.
 func build(t testing.TB, tree []tfile, opts Options) (string, *Writer, error) {
 	t.Helper()
-	p := filepath.Join(t.TempDir(), "fs.img")
-	f, err := os.Create(p)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, f := sparseFile(t, opts.Size)
 	defer f.Close()
-	if err := f.Truncate(opts.Size); err != nil {
-		t.Fatal(err)
-	}
 	w, err := NewWriter(f, opts)
 	if err != nil {
 		return p, nil, err
@@ -97,6 +90,34 @@ func build(t testing.TB, tree []tfile, opts Options) (string, *Writer, error) {
 		}
 	}
 	return p, w, w.Close()
+}
+
+// sparseFile creates fs.img, size bytes long, in a new temporary directory.
+func sparseFile(t testing.TB, size int64) (string, *os.File) {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "fs.img")
+	f, err := os.Create(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		t.Fatal(err)
+	}
+	return p, f
+}
+
+// mountRO mounts img read-only on a new directory, unmounted at the end of
+// the test; a failed mount skips the test.
+func mountRO(t *testing.T, img string) string {
+	t.Helper()
+	testutil.NeedRoot(t)
+	mnt := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "ext4", "-o", "loop,ro", img, mnt).CombinedOutput(); err != nil {
+		testutil.Skip(t, "mount -o loop,ro %s: %v\n%s", img, err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", mnt).Run() })
+	return mnt
 }
 
 func mustBuild(t testing.TB, tree []tfile, opts Options) (string, *Writer) {
@@ -424,12 +445,7 @@ func TestWriterTree(t *testing.T) {
 		compareTree(t, rdump(t, img), tree, checkFlags{})
 	})
 	t.Run("mount", func(t *testing.T) {
-		testutil.NeedRoot(t)
-		mnt := t.TempDir()
-		if out, err := exec.Command("mount", "-t", "ext4", "-o", "loop,ro", img, mnt).CombinedOutput(); err != nil {
-			testutil.Skip(t, "mount -o loop,ro %s: %v\n%s", img, err, out)
-		}
-		defer exec.Command("umount", mnt).Run()
+		mnt := mountRO(t, img)
 		compareTree(t, mnt, tree, checkFlags{owner: true, nlink: true, mtime: true, dirMtime: true, special: true})
 	})
 }
