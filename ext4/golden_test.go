@@ -1,13 +1,11 @@
 package ext4
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
-	"io"
-	"os"
 	"strings"
 	"testing"
+
+	"github.com/nixvm-image/nixvm-image/testkit/testutil"
 )
 
 // TestGolden pins the bytes the Writer makes: a change to any on-disk
@@ -57,16 +55,7 @@ func TestGolden(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			img := c.build(t)
-			f, err := os.Open(img)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			h := sha256.New()
-			if _, err := io.Copy(h, f); err != nil {
-				t.Fatal(err)
-			}
-			if got := hex.EncodeToString(h.Sum(nil)); got != c.want {
+			if got := testutil.SHA256File(t, img); got != c.want {
 				t.Errorf("sha256: got %s, want %s", got, c.want)
 			}
 		})

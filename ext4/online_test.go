@@ -39,11 +39,6 @@ func TestOnlineGrowth(t *testing.T) {
 		t.Fatal(err)
 	}
 	newBlocks := 64 * size / blockSize
-	initrd := filepath.Join(dir, "initrd.cpio")
-	f, err := os.Create(initrd)
-	if err != nil {
-		t.Fatal(err)
-	}
 	script := fmt.Sprintf(`mount -t ext4 /dev/vda /mnt; echo "@@mount $?"
 /bin/growfs /mnt %d; echo "@@grow $?"
 echo "@@blocks $(df -k /mnt | tail -1 | awk '{print $2}')"
@@ -51,10 +46,7 @@ cat /mnt/etc/small >/dev/null; echo "@@read $?"
 echo hello > /mnt/after-grow; sync
 umount /mnt; echo "@@umount $?"
 `, newBlocks)
-	if err := vmtest.BuildInitramfs(f, vmtest.InitramfsConfig{Modules: mods, Script: script, Files: []vmtest.File{{Path: "bin/growfs", HostPath: growfs}}}); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	initrd := vmtest.Initramfs(t, vmtest.InitramfsConfig{Modules: mods, Script: script, Files: []vmtest.File{{Path: "bin/growfs", HostPath: growfs}}})
 	t0 := time.Now()
 	out, err := vmtest.Run(context.Background(), vmtest.Config{Kernel: kernel, Initrd: initrd, Disks: []vmtest.Disk{{Path: img}}}, 4*time.Minute)
 	t.Logf("guest took %s", time.Since(t0))

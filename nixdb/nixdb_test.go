@@ -50,14 +50,6 @@ func synthetic(n int, seed int64) []Path {
 	return paths
 }
 
-func fileSHA(t *testing.T, p string) [32]byte {
-	b, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return sha256.Sum256(b)
-}
-
 // TestDeterministic writes the same paths twice, in different orders and
 // directories, and expects the same bytes; it also checks the SQLite header.
 func TestDeterministic(t *testing.T) {
@@ -72,7 +64,7 @@ func TestDeterministic(t *testing.T) {
 	if err := Write(b, rev, 1); err != nil {
 		t.Fatal(err)
 	}
-	if fileSHA(t, a) != fileSHA(t, b) {
+	if testutil.SHA256File(t, a) != testutil.SHA256File(t, b) {
 		t.Fatal("two writes of the same paths differ")
 	}
 	for _, d := range []string{filepath.Dir(a), filepath.Dir(b)} {
@@ -117,7 +109,7 @@ func TestDeterministic(t *testing.T) {
 	if err := Write(c, paths, 2); err != nil {
 		t.Fatal(err)
 	}
-	if fileSHA(t, a) == fileSHA(t, c) {
+	if testutil.SHA256File(t, a) == testutil.SHA256File(t, c) {
 		t.Error("registrationTime does not reach the file")
 	}
 }

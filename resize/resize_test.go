@@ -2,7 +2,6 @@ package resize
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -21,18 +20,7 @@ const mib = 1 << 20
 
 func run(t *testing.T, name string, args ...string) string {
 	t.Helper()
-	p, err := testutil.LookTool(name)
-	if err != nil {
-		testutil.Skip(t, "%s not found", name)
-	}
-	cmd := exec.Command(p, args...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s%s", p, strings.Join(args, " "), err, out, stderr.Bytes())
-	}
-	return string(out)
+	return testutil.RunTool(t, "", name, args...)
 }
 
 // testDisk is an image file partitioned by sfdisk with an ext4 made by
@@ -288,20 +276,6 @@ func (d *testDisk) options(t *testing.T) Options {
 	}
 }
 
-func fileHash(t *testing.T, path string) [32]byte {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return [32]byte(h.Sum(nil))
-}
-
 // checkTable runs the reference tools on the grown image and checks that
 // partition pno ends at wantEnd.
 func (d *testDisk) checkTable(t *testing.T, label string, wantEnd uint64) {
@@ -364,7 +338,7 @@ func TestGrow(t *testing.T) {
 			}
 
 			// A second run finds nothing to do and writes nothing.
-			before := fileHash(t, d.path)
+			before := testutil.SHA256File(t, d.path)
 			out.Reset()
 			d.blkpgCalls, d.fsCalls = nil, nil
 			res, err = Run(d.options(t), &out)
@@ -374,7 +348,7 @@ func TestGrow(t *testing.T) {
 			if res.Changed || len(d.blkpgCalls)+len(d.fsCalls) > 0 || !strings.Contains(out.String(), "nothing to do: / already fills") {
 				t.Errorf("second run: changed %v, calls %v %v, output:\n%s", res.Changed, d.blkpgCalls, d.fsCalls, out.String())
 			}
-			if fileHash(t, d.path) != before {
+			if testutil.SHA256File(t, d.path) != before {
 				t.Error("second run changed the image")
 			}
 		})
@@ -396,7 +370,7 @@ func TestLeftAlone(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			d := newTestDisk(t, tt.spec)
-			before := fileHash(t, d.path)
+			before := testutil.SHA256File(t, d.path)
 			for _, dry := range []bool{true, false} {
 				opts := d.options(t)
 				opts.DryRun = dry
@@ -406,7 +380,7 @@ func TestLeftAlone(t *testing.T) {
 					t.Errorf("dry-run %v: got %v, want %v\n%s", dry, err, tt.want, out.String())
 				}
 			}
-			if fileHash(t, d.path) != before || len(d.blkpgCalls)+len(d.fsCalls) > 0 {
+			if testutil.SHA256File(t, d.path) != before || len(d.blkpgCalls)+len(d.fsCalls) > 0 {
 				t.Errorf("image changed or ioctls called (%v %v)", d.blkpgCalls, d.fsCalls)
 			}
 		})
@@ -419,13 +393,13 @@ func TestNotGrown(t *testing.T) {
 	for _, label := range []string{"gpt", "dos", "sgdisk"} {
 		t.Run(label, func(t *testing.T) {
 			d := newTestDisk(t, diskSpec{label: label, script: "start=2048\n", sizeMiB: 64, growTo: 64 * mib})
-			before := fileHash(t, d.path)
+			before := testutil.SHA256File(t, d.path)
 			var out bytes.Buffer
 			res, err := Run(d.options(t), &out)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if res.Changed || fileHash(t, d.path) != before || len(d.blkpgCalls)+len(d.fsCalls) > 0 {
+			if res.Changed || testutil.SHA256File(t, d.path) != before || len(d.blkpgCalls)+len(d.fsCalls) > 0 {
 				t.Errorf("changed %v, calls %v %v, output:\n%s", res.Changed, d.blkpgCalls, d.fsCalls, out.String())
 			}
 		})
@@ -434,7 +408,7 @@ func TestNotGrown(t *testing.T) {
 
 func TestDryRun(t *testing.T) {
 	d := newTestDisk(t, diskSpec{label: "gpt", script: "start=2048\n", sizeMiB: 64})
-	before := fileHash(t, d.path)
+	before := testutil.SHA256File(t, d.path)
 	opts := d.options(t)
 	opts.DryRun = true
 	var out bytes.Buffer
@@ -447,7 +421,7 @@ func TestDryRun(t *testing.T) {
 			t.Errorf("output lacks %q:\n%s", want, out.String())
 		}
 	}
-	if !res.Changed || fileHash(t, d.path) != before || len(d.blkpgCalls)+len(d.fsCalls) > 0 {
+	if !res.Changed || testutil.SHA256File(t, d.path) != before || len(d.blkpgCalls)+len(d.fsCalls) > 0 {
 		t.Errorf("dry run wrote: changed %v, calls %v %v", res.Changed, d.blkpgCalls, d.fsCalls)
 	}
 }
@@ -493,7 +467,7 @@ func TestCrashSafety(t *testing.T) {
 		if _, err := Run(ref.options(t), io.Discard); err != nil {
 			t.Fatal(err)
 		}
-		want := fileHash(t, ref.path)
+		want := testutil.SHA256File(t, ref.path)
 		for cut := 0; ; cut++ {
 			d := tmpl.clone(t)
 			opts := d.options(t)
@@ -533,7 +507,7 @@ func TestCrashSafety(t *testing.T) {
 			if _, err := Run(d.options(t), &out); err != nil {
 				t.Fatalf("%s cut after %d writes: rerun: %v\n%s", label, cut, err, out.String())
 			}
-			if fileHash(t, d.path) != want {
+			if testutil.SHA256File(t, d.path) != want {
 				t.Errorf("%s cut after %d writes: rerun result differs from an uncut run\n%s", label, cut, out.String())
 			}
 			if label == "gpt" {

@@ -72,16 +72,7 @@ grow nixvm-resize vdd
 	if err != nil {
 		t.Fatal(err)
 	}
-	initrd := filepath.Join(dir, "initrd.cpio")
-	f, err := os.Create(initrd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = vmtest.BuildInitramfs(f, vmtest.InitramfsConfig{Modules: mods, Files: files, Script: script})
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	initrd := vmtest.Initramfs(t, vmtest.InitramfsConfig{Modules: mods, Files: files, Script: script})
 	out, err := vmtest.Run(context.Background(), vmtest.Config{Kernel: kernel, Initrd: initrd, Disks: disks}, 10*time.Minute)
 	t.Logf("serial output:\n%s", out)
 	if err != nil {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -28,21 +27,7 @@ const mib = 1 << 20
 
 func sh(t testing.TB, stdin string, name string, args ...string) string {
 	t.Helper()
-	p, err := testutil.LookTool(name)
-	if err != nil {
-		testutil.Skip(t, "%s not found", name)
-	}
-	cmd := exec.Command(p, args...)
-	if stdin != "" {
-		cmd.Stdin = strings.NewReader(stdin)
-	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s%s", p, strings.Join(args, " "), err, out, stderr.Bytes())
-	}
-	return string(out)
+	return testutil.RunTool(t, stdin, name, args...)
 }
 
 // buildResize builds nixvm-resize statically for the guest.
@@ -219,18 +204,6 @@ func sfdiskPart(t *testing.T, path string, pno int) (start, size int64) {
 	return 0, 0
 }
 
-func fileHash(t *testing.T, path string) [32]byte {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	io.Copy(h, f)
-	return [32]byte(h.Sum(nil))
-}
-
 // hostTools returns host programs (under /opt/host/bin in the initramfs)
 // and the shared libraries they need (ldd), for guest scripts that run them
 // with PATH=/opt/host/bin:$PATH.
@@ -386,20 +359,11 @@ func TestGuest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	initrd := filepath.Join(dir, "initrd.cpio")
-	f, err := os.Create(initrd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = vmtest.BuildInitramfs(f, vmtest.InitramfsConfig{
+	initrd := vmtest.Initramfs(t, vmtest.InitramfsConfig{
 		Modules: mods,
 		Files:   append(hostTools(t, "sfdisk", "dmsetup"), vmtest.File{Path: "bin/nixvm-resize", HostPath: buildResize(t)}),
 		Script:  script.String(),
 	})
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
 	cfg := vmtest.Config{Kernel: kernel, Initrd: initrd, Disks: vmDisks}
 	t.Cleanup(func() {
 		if t.Failed() {

@@ -113,3 +113,26 @@ func SHA256File(t testing.TB, name string) string {
 	}
 	return hex.EncodeToString(h.Sum(nil))
 }
+
+// RunTool runs the named tool (found as LookTool finds it; the test skips,
+// or fails in CI, without it) with stdin as its input when not "", and
+// returns its standard output, failing the test with the command, its
+// output and its standard error when it fails.
+func RunTool(t testing.TB, stdin string, name string, args ...string) string {
+	t.Helper()
+	p, err := LookTool(name)
+	if err != nil {
+		Skip(t, "%s not found", name)
+	}
+	cmd := exec.Command(p, args...)
+	if stdin != "" {
+		cmd.Stdin = strings.NewReader(stdin)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s%s", p, strings.Join(args, " "), err, out, stderr.Bytes())
+	}
+	return string(out)
+}

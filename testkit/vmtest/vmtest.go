@@ -9,6 +9,8 @@
 package vmtest
 
 import (
+	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/nixvm-image/nixvm-image/internal/busyboxvm"
@@ -54,4 +56,23 @@ func Kernel(t testing.TB) (path, release string) {
 		testutil.Skip(t, "%v", err)
 	}
 	return path, release
+}
+
+// Initramfs writes the initramfs cfg describes to a new file in the test's
+// temporary directory and returns its path.
+func Initramfs(t testing.TB, cfg InitramfsConfig) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "initrd.cpio")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = BuildInitramfs(f, cfg)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatalf("initramfs: %v", err)
+	}
+	return path
 }
