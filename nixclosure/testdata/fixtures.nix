@@ -4,13 +4,7 @@
 # `salt` makes the test's paths its own, so a stale store cannot hide a bug.
 { salt ? "0" }:
 let
-  mk = name: script: extra: builtins.derivation ({
-    inherit name salt;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    PATH = "/usr/bin:/bin";
-    args = [ "-c" script ];
-  } // extra);
+  mk = (import ../../testdata/fixture/lib.nix).salted salt;
 in rec {
   # Files of many sizes (padding), executables, symlinks, empty and nested
   # directories, names whose byte order differs from other orders.

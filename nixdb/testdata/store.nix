@@ -4,13 +4,7 @@
 # `salt` makes each test run's paths new.
 { salt ? "0" }:
 let
-  mk = name: script: extra: builtins.derivation ({
-    inherit name salt;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    PATH = "/usr/bin:/bin";
-    args = [ "-c" script ];
-  } // extra);
+  mk = (import ../../testdata/fixture/lib.nix).salted salt;
 in rec {
   lib = mk "lib" ''
     mkdir -p $out/lib/empty; echo library > $out/lib/libx.so; chmod +x $out/lib/libx.so
