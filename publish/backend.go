@@ -180,3 +180,16 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	c.n.Add(int64(n))
 	return n, err
 }
+
+// readObject reads an object's body r, at most limit bytes: a read error
+// goes through wrap, a longer body is ErrFormat naming where/key.
+func readObject(r io.Reader, limit int64, where any, key string, wrap func(error) error) ([]byte, error) {
+	b, err := io.ReadAll(io.LimitReader(r, limit+1))
+	if err != nil {
+		return nil, wrap(err)
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("%w: %s/%s: larger than %d bytes", ErrFormat, where, key, limit)
+	}
+	return b, nil
+}

@@ -35,7 +35,8 @@ func (d *dirTarget) path(key string) (string, error) {
 	return filepath.Join(d.dir, filepath.FromSlash(key)), nil
 }
 
-func (d *dirTarget) Get(ctx context.Context, key string, limit int64) ([]byte, error) {
+// open opens the object key; ErrNotFound when there is none.
+func (d *dirTarget) open(key string) (*os.File, error) {
 	p, err := d.path(key)
 	if err != nil {
 		return nil, err
@@ -44,29 +45,24 @@ func (d *dirTarget) Get(ctx context.Context, key string, limit int64) ([]byte, e
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("%s/%s: %w", d, key, ErrNotFound)
 	}
+	return f, err
+}
+
+func (d *dirTarget) Get(ctx context.Context, key string, limit int64) ([]byte, error) {
+	f, err := d.open(key)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	b, err := readObject(f, limit, d, key, func(err error) error { return err })
 	if err != nil {
 		return nil, err
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("%w: %s/%s: larger than %d bytes", ErrFormat, d, key, limit)
 	}
 	return b, nil
 }
 
 func (d *dirTarget) GetRange(ctx context.Context, key string, off, n int64) (io.ReadCloser, error) {
-	p, err := d.path(key)
-	if err != nil {
-		return nil, err
-	}
-	f, err := os.Open(p)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("%s/%s: %w", d, key, ErrNotFound)
-	}
+	f, err := d.open(key)
 	if err != nil {
 		return nil, err
 	}

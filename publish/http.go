@@ -68,12 +68,9 @@ func (h *httpSource) Get(ctx context.Context, key string, limit int64) ([]byte, 
 	if resp.ContentLength > limit {
 		return nil, fmt.Errorf("%w: %s/%s: %d bytes, at most %d allowed", ErrFormat, h.base, key, resp.ContentLength, limit)
 	}
-	b, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
+	b, err := readObject(resp.Body, limit, h.base, key, func(err error) error { return fmt.Errorf("GET %s/%s: %w", h.base, key, err) })
 	if err != nil {
-		return nil, fmt.Errorf("GET %s/%s: %w", h.base, key, err)
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("%w: %s/%s: larger than %d bytes", ErrFormat, h.base, key, limit)
+		return nil, err
 	}
 	if resp.ContentLength >= 0 && int64(len(b)) != resp.ContentLength {
 		return nil, fmt.Errorf("GET %s/%s: %d of %d bytes: %w", h.base, key, len(b), resp.ContentLength, io.ErrUnexpectedEOF)

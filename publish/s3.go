@@ -119,12 +119,9 @@ func (s *s3Target) Get(ctx context.Context, k string, limit int64) ([]byte, erro
 		return nil, s.s3Err(k, err)
 	}
 	defer obj.Close()
-	b, err := io.ReadAll(io.LimitReader(obj, limit+1))
+	b, err := readObject(obj, limit, s, k, func(err error) error { return s.s3Err(k, err) })
 	if err != nil {
-		return nil, s.s3Err(k, err)
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("%w: %s/%s: larger than %d bytes", ErrFormat, s, k, limit)
+		return nil, err
 	}
 	return b, nil
 }
