@@ -70,14 +70,21 @@ func TestDecodeIndexRefuses(t *testing.T) {
 	}
 }
 
-func TestRecipeRefuses(t *testing.T) {
+// recipeFixture is a pack index of two frames of four blocks, and the
+// blocks, digest and full recipe of an image: a zero block, then blocks 2
+// to 6 of the pack.
+func recipeFixture() (*PackIndex, []manifest.Hash, ID, *Recipe) {
 	hs := hashN(8)
 	idx := &PackIndex{}
 	idx.addFrame(10, hs[:4])
 	idx.addFrame(10, hs[4:])
 	blocks := append([]manifest.Hash{manifest.ZeroHash()}, hs[2:7]...)
 	d := ID(manifest.ComputeDigest(blocks))
-	good := &Recipe{Digest: d, VirtualSize: 6 * BlockSize, Packs: []ID{{1}}, Ops: []Op{{Kind: opZero, N: 1}, {Kind: opPack, Start: 2, N: 5}}}
+	return idx, blocks, d, &Recipe{Digest: d, VirtualSize: 6 * BlockSize, Packs: []ID{{1}}, Ops: []Op{{Kind: opZero, N: 1}, {Kind: opPack, Start: 2, N: 5}}}
+}
+
+func TestRecipeRefuses(t *testing.T) {
+	idx, blocks, d, good := recipeFixture()
 	r, err := DecodeRecipe(good.Encode())
 	if err != nil {
 		t.Fatal(err)

@@ -48,13 +48,8 @@ func FuzzDecodeRecipe(f *testing.F) {
 	saved := maxVirtualSize
 	maxVirtualSize = 1 << 26 // bound the block lists the fuzzer makes
 	f.Cleanup(func() { maxVirtualSize = saved })
-	hs := hashN(8)
-	idx := &PackIndex{}
-	idx.addFrame(10, hs[:4])
-	idx.addFrame(10, hs[4:])
-	blocks := append([]manifest.Hash{manifest.ZeroHash()}, hs[2:7]...)
-	d := ID(manifest.ComputeDigest(blocks))
-	f.Add((&Recipe{Digest: d, VirtualSize: 6 * BlockSize, Packs: []ID{{1}}, Ops: []Op{{Kind: opZero, N: 1}, {Kind: opPack, Start: 2, N: 5}}}).Encode())
+	idx, blocks, d, good := recipeFixture()
+	f.Add(good.Encode())
 	f.Add((&Recipe{Digest: d, Base: ID{2}, VirtualSize: 6*BlockSize - 100, Ops: []Op{{Kind: opBase, Start: 0, N: 3}, {Kind: opSelf, Start: 1, N: 2}, {Kind: opZero, N: 1}}}).Encode())
 	f.Fuzz(func(t *testing.T, b []byte) {
 		if len(b) < 32 {

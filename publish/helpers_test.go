@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -142,15 +143,7 @@ http {
 	cmd := exec.Command(bin, "-c", cf, "-p", dir, "-e", filepath.Join(dir, "error.log"))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-done
-	})
+	done := startServer(t, cmd)
 	url := fmt.Sprintf("http://127.0.0.1:%d", port)
 	for i := 0; ; i++ {
 		select {
@@ -167,6 +160,25 @@ http {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// startServer starts cmd, killed at the end of the test, then closes
+// after; the channel is closed when cmd has exited.
+func startServer(t testing.TB, cmd *exec.Cmd, after ...io.Closer) <-chan struct{} {
+	t.Helper()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-done
+		for _, c := range after {
+			c.Close()
+		}
+	})
+	return done
 }
 
 // nginx is a running nginx.

@@ -52,16 +52,7 @@ func startWeed(t *testing.T) string {
 		t.Fatal(err)
 	}
 	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-done
-		logf.Close()
-	})
+	done := startServer(t, cmd, logf)
 	ep := "http://127.0.0.1:" + s3port
 	c, err := minio.New("127.0.0.1:"+s3port, &minio.Options{Creds: credentials.NewStaticV4("nixvmtest", "nixvmtestsecret", ""), Region: "us-east-1"})
 	if err != nil {
