@@ -47,6 +47,8 @@ func startWeed(t *testing.T) string {
 		"-filer.port=" + port(), "-filer.port.grpc=" + port(), "-s3.port=" + s3port, "-s3.port.grpc=" + port(),
 		"-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=16"}
 	cmd := exec.Command(bin, args...)
+	// weed's glog writes its log files to the temp dir: keep them in dir.
+	cmd.Env = append(os.Environ(), "TMPDIR="+dir)
 	logf, err := os.Create(filepath.Join(dir, "weed.log"))
 	if err != nil {
 		t.Fatal(err)
