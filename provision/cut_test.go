@@ -1,6 +1,7 @@
 package provision
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -89,5 +90,57 @@ func TestLVNodeNeverAppears(t *testing.T) {
 	}
 	if ents, _ := os.ReadDir(state); len(ents) != 0 {
 		t.Errorf("records left: %v", ents)
+	}
+}
+
+// TestForceRefusedBusyDevice (issue 12 item 3): --force onto a block
+// device that is mounted, or opened exclusively by another process, is
+// refused with ErrInUse naming what holds it (the mount point), and the
+// device is left as it was (its superblock was overwritten before the fix).
+func TestForceRefusedBusyDevice(t *testing.T) {
+	mkfs := testutil.NeedTool(t, "mkfs.ext4")[0]
+	testutil.NeedRoot(t)
+	st := newStore(t)
+	g := putGen(t, st, "baseline", testImage(9, 4*mib))
+	backing := filepath.Join(t.TempDir(), "fs.img")
+	if err := os.WriteFile(backing, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Truncate(backing, 16*mib)
+	run(t, mkfs, "-q", "-F", backing)
+	dev := testutil.AttachLoop(t, backing, 0, 0)
+	req := Request{Image: g.Path, Target: dev, StateDir: t.TempDir(), Force: true}
+
+	// Held exclusively by another opener (as a mount, md or LVM would).
+	f, err := os.OpenFile(dev, os.O_RDONLY|syscall.O_EXCL, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := testImage(9, 4*mib)
+	_, err = Provision(context.Background(), req)
+	f.Close()
+	if !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), dev) {
+		t.Errorf("device held exclusively: got %v, want ErrInUse naming %s", err, dev)
+	}
+
+	mnt := t.TempDir()
+	testutil.Mount(t, dev, mnt)
+	_, err = Provision(context.Background(), req)
+	if !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), "mounted on "+mnt) {
+		t.Errorf("mounted device: got %v, want ErrInUse naming the mount point %s", err, mnt)
+	}
+	// The ext4 superblock is still there, and none of the image's data.
+	b, err := os.ReadFile(backing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b[1080] != 0x53 || b[1081] != 0xef {
+		t.Errorf("busy device's ext4 superblock overwritten: magic %x", b[1080:1082])
+	}
+	if bytes.Equal(b[64<<10:128<<10], img[64<<10:128<<10]) {
+		t.Error("busy device holds the image's data")
+	}
+	if ents, _ := os.ReadDir(req.StateDir); len(ents) != 0 {
+		t.Errorf("a refused run left records: %v", ents)
 	}
 }

@@ -173,6 +173,13 @@ func existing(ctx context.Context, req Request, path string, again func() (Resul
 // checkFree fails with ErrInUse when path is locked by a process (QEMU), when
 // req.Guest is a running domain, or when a running domain lists path.
 func checkFree(ctx context.Context, req Request, path string) error {
+	if isBlockDevice(path) {
+		f, err := openBlockExclusive(path, os.O_RDONLY)
+		if err != nil {
+			return err
+		}
+		f.Close()
+	}
 	locked, err := lockHolder(path)
 	if err != nil {
 		return err
@@ -332,7 +339,12 @@ func copyInto(ctx context.Context, req Request, path string) (Result, error) {
 	}
 	defer src.Close()
 	defer img.Close()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	var f *os.File
+	if isBlockDevice(path) { // held exclusively for the copy: no mount can start
+		f, err = openBlockExclusive(path, os.O_RDWR)
+	} else {
+		f, err = os.OpenFile(path, os.O_RDWR, 0)
+	}
 	if err != nil {
 		return Result{}, err
 	}
@@ -382,6 +394,11 @@ func provisionDevice(ctx context.Context, req Request, created bool) (Result, er
 	if !created {
 		return existing(ctx, req, req.Target, func() (Result, error) { return provisionDevice(ctx, req, true) })
 	}
+	f, err := openBlockExclusive(req.Target, os.O_RDONLY) // refused before it is marked
+	if err != nil {
+		return Result{}, err
+	}
+	f.Close()
 	if err := markIncomplete(req); err != nil {
 		return Result{}, err
 	}
