@@ -24,7 +24,7 @@ rec {
       && !(lib.hasSuffix ".raw" base);
   };
 
-  vendorHash = "sha256-NNLqR4UFUc46dU8Uj5U0Esb3a8lc0ThjFSxvQYaIoJc=";
+  vendorHash = "sha256-MSfgjelJogCXt6I6fv286wnSXLKKdhCxc1GkbnlAEcs=";
 
   ldflags = [ "-s" "-w" "-X github.com/nixvm-image/nixvm-image/internal/version.Version=${version}" ];
 
