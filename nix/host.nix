@@ -462,11 +462,35 @@ in
         serviceConfig = hardening // {
           Type = "oneshot";
           ExecStart = utils.escapeSystemdExecArgs ([ nixvm ] ++ gcArgs);
-          # gc writes only the image store; it reaches libvirt over its socket.
+          # gc writes only the image store (the scanned directories and
+          # pools it only reads); it reaches libvirt over its socket.
           ProtectSystem = "strict";
           ReadWritePaths = [ "/var/lib/nixvm-image" ];
           PrivateNetwork = true;
           RestrictAddressFamilies = [ "AF_UNIX" ];
+          # It reads the headers of qcow2 disks, LVs included, and nothing
+          # else in /dev: no character device (a watchdog reboots the host
+          # when opened), no block device written. PrivateDevices would
+          # hide the LVs that domains use.
+          DevicePolicy = "closed";
+          DeviceAllow = [ "block-* r" ];
+          # Root only to read guests' disks (owned by the qemu user) and
+          # to remove what it owns in the store.
+          CapabilityBoundingSet = [ "CAP_DAC_READ_SEARCH" ];
+          AmbientCapabilities = [ ];
+          ProtectClock = true;
+          ProtectHostname = true;
+          ProtectKernelLogs = true;
+          ProtectProc = "invisible";
+          ProcSubset = "pid";
+          RestrictNamespaces = true;
+          RestrictRealtime = true;
+          MemoryDenyWriteExecute = true;
+          RemoveIPC = true;
+          SystemCallArchitectures = "native";
+          SystemCallFilter = [ "@system-service" ];
+          SystemCallErrorNumber = "EPERM"; # a call outside the set fails, not kills
+          UMask = "0077";
         };
       };
     };

@@ -1,9 +1,11 @@
 package provision
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -56,6 +58,21 @@ func writeZeros(f *os.File, off, n int64) error {
 func isBlockDevice(path string) bool {
 	fi, err := os.Stat(path)
 	return err == nil && fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0
+}
+
+// nodeWait is how long provision waits for udev to make a new LV's node.
+var nodeWait = 10 * time.Second
+
+// waitBlockDevice waits until path is a block device, for nodeWait.
+func waitBlockDevice(ctx context.Context, path string) bool {
+	deadline := time.Now().Add(nodeWait)
+	for !isBlockDevice(path) {
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return true
 }
 
 // deviceSize returns a block device's size in bytes.

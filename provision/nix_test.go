@@ -253,6 +253,21 @@ func TestNixHostModule(t *testing.T) {
 		if gc["ProtectSystem"] != "strict" || fmt.Sprint(gc["ReadWritePaths"]) != "[/var/lib/nixvm-image]" || gc["PrivateNetwork"] != true {
 			t.Errorf("gc hardening: %v", gc)
 		}
+		// Issue 12 item 10: gc opens no character device and writes no
+		// block device, runs with one capability and no new privileges.
+		for k, want := range map[string]string{
+			"DevicePolicy": "closed", "DeviceAllow": "[block-* r]", "CapabilityBoundingSet": "[CAP_DAC_READ_SEARCH]",
+			"AmbientCapabilities": "[]", "RestrictAddressFamilies": "[AF_UNIX]", "NoNewPrivileges": "true",
+			"ProtectKernelTunables": "true", "ProtectKernelModules": "true", "ProtectKernelLogs": "true",
+			"ProtectControlGroups": "true", "ProtectClock": "true", "ProtectHostname": "true", "ProtectHome": "true",
+			"ProtectProc": "invisible", "RestrictNamespaces": "true", "RestrictSUIDSGID": "true",
+			"MemoryDenyWriteExecute": "true", "SystemCallArchitectures": "native", "UMask": "0077",
+			"SystemCallFilter": "[@system-service]", "SystemCallErrorNumber": "EPERM",
+		} {
+			if got := fmt.Sprint(gc[k]); got != want {
+				t.Errorf("gc unit: %s = %s, want %s", k, got, want)
+			}
+		}
 		if ev.Timers["nixvm-image-gc"]["timerConfig"].(map[string]any)["OnCalendar"] != "weekly" {
 			t.Errorf("gc timer: %v", ev.Timers)
 		}

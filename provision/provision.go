@@ -75,12 +75,18 @@ type Request struct {
 	QemuImg string
 	// Progress, if set, gets the bytes of the guest disk done.
 	Progress Updater
+	// StateDir holds the records of disks being copied in place (block
+	// devices, LVM and pool volumes), so a run cut short is found and
+	// redone; "" means ".provision" in Store's directory (or the default
+	// store's).
+	StateDir string
 }
 
 // Result says what Provision did.
 type Result struct {
 	Path    string // the disk's path (a pool volume's vol-path)
 	Created bool   // false: the disk existed and was left untouched
+	Redone  bool   // the disk was left incomplete by a run cut short, and made again
 	Size    int64  // the guest disk's size
 	Image   string // the generation it was made from
 	CopyStats
@@ -143,20 +149,37 @@ func provision(ctx context.Context, req Request) (Result, error) {
 }
 
 // existing handles a disk that exists: left alone, or recreated by again
-// under Force once checkFree says nothing uses it.
+// under Force, or when a run cut short left it incomplete, once checkFree
+// says nothing uses it.
 func existing(ctx context.Context, req Request, path string, again func() (Result, error)) (Result, error) {
-	if !req.Force {
+	inc, err := incomplete(req)
+	if err != nil {
+		return Result{Path: path}, err
+	}
+	if !req.Force && !inc {
 		return Result{Path: path}, nil
 	}
 	if err := checkFree(ctx, req, path); err != nil {
+		if inc {
+			err = fmt.Errorf("%w: %s was left incomplete by a provision cut short; it must be made again, but: %w", ErrPartial, path, err)
+		}
 		return Result{Path: path}, err
 	}
-	return again()
+	res, err := again()
+	res.Redone = inc
+	return res, err
 }
 
 // checkFree fails with ErrInUse when path is locked by a process (QEMU), when
 // req.Guest is a running domain, or when a running domain lists path.
 func checkFree(ctx context.Context, req Request, path string) error {
+	if isBlockDevice(path) {
+		f, err := openBlockExclusive(path, os.O_RDONLY)
+		if err != nil {
+			return err
+		}
+		f.Close()
+	}
 	locked, err := lockHolder(path)
 	if err != nil {
 		return err
@@ -300,7 +323,11 @@ func (w ctxWriter) WriteAt(p []byte, off int64) (int, error) {
 	if err := w.ctx.Err(); err != nil {
 		return 0, err
 	}
-	return w.f.WriteAt(p, off)
+	n, err := w.f.WriteAt(p, off)
+	if crashHook != nil {
+		crashHook()
+	}
+	return n, err
 }
 
 // copyInto copies the image into an existing file or device at path, in
@@ -312,7 +339,12 @@ func copyInto(ctx context.Context, req Request, path string) (Result, error) {
 	}
 	defer src.Close()
 	defer img.Close()
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	var f *os.File
+	if isBlockDevice(path) { // held exclusively for the copy: no mount can start
+		f, err = openBlockExclusive(path, os.O_RDWR)
+	} else {
+		f, err = os.OpenFile(path, os.O_RDWR, 0)
+	}
 	if err != nil {
 		return Result{}, err
 	}
@@ -362,11 +394,19 @@ func provisionDevice(ctx context.Context, req Request, created bool) (Result, er
 	if !created {
 		return existing(ctx, req, req.Target, func() (Result, error) { return provisionDevice(ctx, req, true) })
 	}
+	f, err := openBlockExclusive(req.Target, os.O_RDONLY) // refused before it is marked
+	if err != nil {
+		return Result{}, err
+	}
+	f.Close()
+	if err := markIncomplete(req); err != nil {
+		return Result{}, err
+	}
 	res, err := copyInto(ctx, req, req.Target)
 	if err != nil {
-		return res, fmt.Errorf("%w: %s now holds part of the image and must not be booted: %v", ErrPartial, req.Target, err)
+		return res, fmt.Errorf("%w: %s now holds part of the image and must not be booted (the next run makes it again): %v", ErrPartial, req.Target, err)
 	}
-	return res, nil
+	return res, markComplete(req)
 }
 
 // lvmPath splits /dev/VG/LV when /dev/VG is a volume group's directory or
@@ -397,21 +437,27 @@ func provisionLV(ctx context.Context, req Request, vg, lv string) (Result, error
 		return Result{}, err
 	}
 	mib := (size + (1<<20 - 1)) >> 20
+	if err := markIncomplete(req); err != nil {
+		return Result{}, err
+	}
 	if _, err := req.Run.run(ctx, "lvcreate", "--yes", "--wipesignatures", "y", "--zero", "y",
 		"--size", strconv.FormatInt(mib, 10)+"m", "--name", lv, vg); err != nil {
-		return Result{}, fmt.Errorf("%w: creating LVM volume %s: %w", ErrTarget, req.Target, err)
+		return Result{}, errors.Join(fmt.Errorf("%w: creating LVM volume %s: %w", ErrTarget, req.Target, err), markComplete(req))
 	}
-	if !isBlockDevice(req.Target) {
-		return Result{}, fmt.Errorf("%w: lvcreate made %s/%s but %s is not a block device (is udev running?)", ErrTarget, vg, lv, req.Target)
+	remove := func(res Result, err error) (Result, error) {
+		if _, rerr := req.Run.run(context.WithoutCancel(ctx), "lvremove", "--yes", vg+"/"+lv); rerr != nil {
+			return res, fmt.Errorf("%w: %s holds part of the image and could not be removed (%v): %v; remove it (lvremove %s/%s), or rerun to copy again", ErrPartial, req.Target, rerr, err, vg, lv)
+		}
+		return Result{}, errors.Join(err, markComplete(req))
+	}
+	if !waitBlockDevice(ctx, req.Target) {
+		return remove(Result{}, fmt.Errorf("%w: lvcreate made %s/%s but %s never appeared as a block device (is udev running?); removed it again", ErrTarget, vg, lv, req.Target))
 	}
 	res, err := copyInto(ctx, req, req.Target)
 	if err != nil {
-		if _, rerr := req.Run.run(context.WithoutCancel(ctx), "lvremove", "--yes", vg+"/"+lv); rerr != nil {
-			return res, fmt.Errorf("%w: %s holds part of the image and could not be removed (%v): %v; remove it (lvremove %s/%s)", ErrPartial, req.Target, rerr, err, vg, lv)
-		}
-		return Result{}, fmt.Errorf("provision: copying onto %s (removed again): %w", req.Target, err)
+		return remove(res, fmt.Errorf("provision: copying onto %s (removed again): %w", req.Target, err))
 	}
-	return res, nil
+	return res, markComplete(req)
 }
 
 // provisionOverlay makes a qcow2 overlay whose backing file is the resolved
@@ -479,9 +525,14 @@ func provisionPool(ctx context.Context, req Request) (Result, error) {
 		return Result{}, fmt.Errorf("%w: pool and volume names are required", ErrTarget)
 	}
 	path, err := v.VolPath(ctx, req.Pool, req.Volume)
+	redone := false
 	switch {
 	case err == nil:
-		if !req.Force {
+		inc, err := incomplete(req)
+		if err != nil {
+			return Result{Path: path}, err
+		}
+		if !req.Force && !inc {
 			return Result{Path: path}, nil
 		}
 		if err := checkFree(ctx, req, path); err != nil {
@@ -490,6 +541,7 @@ func provisionPool(ctx context.Context, req Request) (Result, error) {
 		if err := v.VolDelete(ctx, req.Pool, req.Volume); err != nil {
 			return Result{Path: path}, err
 		}
+		redone = inc
 	case !errors.Is(err, ErrNoVolume):
 		return Result{}, err
 	}
@@ -508,8 +560,11 @@ func provisionPool(ctx context.Context, req Request) (Result, error) {
 		return Result{}, err
 	}
 	sparse := ptype == "dir" || ptype == "fs" || ptype == "netfs"
-	if err := v.VolCreate(ctx, req.Pool, req.Volume, size, sparse); err != nil {
+	if err := markIncomplete(req); err != nil {
 		return Result{}, err
+	}
+	if err := v.VolCreate(ctx, req.Pool, req.Volume, size, sparse); err != nil {
+		return Result{}, errors.Join(err, markComplete(req))
 	}
 	path, err = v.VolPath(ctx, req.Pool, req.Volume)
 	var res Result
@@ -519,10 +574,14 @@ func provisionPool(ctx context.Context, req Request) (Result, error) {
 	if err != nil {
 		bg := context.WithoutCancel(ctx)
 		if derr := v.VolDelete(bg, req.Pool, req.Volume); derr != nil {
-			return res, fmt.Errorf("%w: volume %s of pool %s holds part of the image and could not be deleted (%v): %v; delete it (virsh vol-delete --pool %s %s)", ErrPartial, req.Volume, req.Pool, derr, err, req.Pool, req.Volume)
+			return res, fmt.Errorf("%w: volume %s of pool %s holds part of the image and could not be deleted (%v): %v; delete it (virsh vol-delete --pool %s %s), or rerun to copy again", ErrPartial, req.Volume, req.Pool, derr, err, req.Pool, req.Volume)
 		}
-		return Result{}, fmt.Errorf("provision: copying into volume %s of pool %s (deleted again): %w", req.Volume, req.Pool, err)
+		return Result{}, errors.Join(fmt.Errorf("provision: copying into volume %s of pool %s (deleted again): %w", req.Volume, req.Pool, err), markComplete(req))
 	}
+	if err := markComplete(req); err != nil {
+		return res, err
+	}
+	res.Redone = redone
 	if err := v.PoolRefresh(ctx, req.Pool); err != nil {
 		return res, err
 	}

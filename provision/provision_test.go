@@ -303,6 +303,11 @@ func TestParseVirsh(t *testing.T) {
 	if want := []string{"/var/lib/libvirt/images/a.qcow2", "/dev/vg/guest-b"}; strings.Join(srcs, "|") != strings.Join(want, "|") {
 		t.Errorf("domblklist: got %q, want %q", srcs, want)
 	}
+	f, err := parseDiskFormats(`<domain><devices><disk type="file"><driver name="qemu" type="raw"/><target dev="vda"/></disk>` +
+		`<disk type="block"><driver type="qcow2"/><target dev="vdb"/></disk></devices></domain>`)
+	if err != nil || f["vda"] != "raw" || f["vdb"] != "qcow2" {
+		t.Errorf("disk formats: got %v, %v; want vda raw, vdb qcow2", f, err)
+	}
 }
 
 // TestOverlayBesideGC makes an overlay while a push makes another

@@ -141,17 +141,38 @@ func (v *Virsh) Domains(ctx context.Context, all bool) ([]string, error) {
 // DomainDisks returns the source paths of a domain's disks (file and block
 // disks; volume disks are reported by libvirt with their resolved path).
 func (v *Virsh) DomainDisks(ctx context.Context, dom string) ([]string, error) {
+	disks, err := v.domainDisks(ctx, dom)
+	var srcs []string
+	for _, d := range disks {
+		srcs = append(srcs, d.Source)
+	}
+	return srcs, err
+}
+
+// domDisk is a line of domblklist: the disk's target (vda) and source path.
+type domDisk struct{ Target, Source string }
+
+func (v *Virsh) domainDisks(ctx context.Context, dom string) ([]domDisk, error) {
 	out, err := v.do(ctx, "domblklist", "--details", dom)
 	if err != nil {
 		return nil, err
 	}
-	return parseDomblklist(out), nil
+	return parseDomblklistDisks(out), nil
 }
 
-// parseDomblklist reads `virsh -q domblklist --details`: type, device,
-// target, source (the rest of the line; "-" for an empty drive).
+// parseDomblklist reads `virsh -q domblklist --details` into source paths.
 func parseDomblklist(out string) []string {
 	var srcs []string
+	for _, d := range parseDomblklistDisks(out) {
+		srcs = append(srcs, d.Source)
+	}
+	return srcs
+}
+
+// parseDomblklistDisks reads `virsh -q domblklist --details`: type, device,
+// target, source (the rest of the line; "-" for an empty drive).
+func parseDomblklistDisks(out string) []domDisk {
+	var disks []domDisk
 	for _, line := range strings.Split(out, "\n") {
 		f := strings.Fields(line)
 		if len(f) < 4 || f[0] == "Type" || strings.HasPrefix(f[0], "---") {
@@ -162,8 +183,8 @@ func parseDomblklist(out string) []string {
 			rest = strings.TrimSpace(rest[len(strings.Fields(rest)[0]):])
 		}
 		if strings.HasPrefix(rest, "/") {
-			srcs = append(srcs, rest)
+			disks = append(disks, domDisk{Target: f[2], Source: rest})
 		}
 	}
-	return srcs
+	return disks
 }

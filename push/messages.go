@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/nixvm-image/nixvm-image/store"
 )
@@ -99,15 +100,15 @@ func decodeReply(p []byte) (*reply, error) {
 	if d.err == nil && r.Version != Version {
 		return nil, fmt.Errorf("%w: host speaks version %d, this nixvm-image speaks version %d; install the same nixvm-image release on both ends", ErrVersion, r.Version, Version)
 	}
-	r.Err = d.str("error", maxMessage)
+	r.Err = sanitize(d.str("error", maxMessage))
 	n := d.ub("generation count", maxGenerations)
 	for i := uint64(0); i < n && d.err == nil; i++ {
 		var g store.Generation
-		g.Name = d.str("name", maxName)
+		g.Name = Sanitize(d.str("name", maxName), false)
 		copy(g.Digest[:], d.raw(32))
 		g.VirtualSize = int64(d.ub("virtual size", maxVirtualSize))
 		g.Current = d.ub("current", 1) == 1
-		g.Path = d.str("path", maxPath)
+		g.Path = Sanitize(d.str("path", maxPath), false)
 		r.Gens = append(r.Gens, g)
 	}
 	r.Have = d.ub("have", 1) == 1
@@ -311,10 +312,21 @@ func decodeError(p []byte) error {
 	return fmt.Errorf("%w: %s", ErrRemote, sanitize(msg))
 }
 
-// sanitize keeps a peer's message printable.
-func sanitize(s string) string {
+// sanitize keeps a peer's message printable: control characters (C0 but
+// newline, DEL, C1 such as the one-byte CSI U+009B) and bidirectional
+// overrides become '?', so a host cannot move the cursor, recolour or
+// clear the user's terminal, or reorder what it shows.
+func sanitize(s string) string { return Sanitize(s, true) }
+
+// Sanitize makes a string from a host safe to print; newline is kept when
+// multiline is set.
+func Sanitize(s string, multiline bool) string {
 	return strings.Map(func(r rune) rune {
-		if r < 0x20 && r != '\n' || r == 0x7f {
+		switch {
+		case r == '\n' && multiline, r == '\t':
+			return r
+		case r < 0x20, r >= 0x7f && r < 0xa0, r == utf8.RuneError,
+			r >= 0x202a && r <= 0x202e, r >= 0x2066 && r <= 0x2069:
 			return '?'
 		}
 		return r

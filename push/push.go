@@ -146,7 +146,7 @@ func Push(ctx context.Context, conn io.ReadWriter, src *Source, opts Options) (*
 	}
 	st.ResumedAt = r.Resume
 	k := knownHostBlocks(r, h, opts.Cache, st)
-	if err := k.readIndex(fr, r, st); err != nil {
+	if err := k.readIndex(fr, r, int64(len(src.Blocks)), st); err != nil {
 		return st, err
 	}
 	if opts.Progress != nil && r.Resume > 0 {

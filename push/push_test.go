@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/lima-vm/go-qcow2reader"
 	"github.com/nixvm-image/nixvm-image/manifest"
@@ -570,4 +571,78 @@ func TestSameDigestOtherSize(t *testing.T) {
 		t.Errorf("generation %s was replaced", gen)
 	}
 	checkCurrent(t, host, "baseline", data)
+}
+
+// stallWriter passes left bytes on, then blocks every write until release
+// is closed: a peer that stops sending but keeps the connection open.
+type stallWriter struct {
+	w       io.Writer
+	left    int64
+	release chan struct{}
+}
+
+func (s *stallWriter) Write(p []byte) (int, error) {
+	if s.left <= 0 {
+		<-s.release
+		return 0, io.ErrClosedPipe
+	}
+	if int64(len(p)) > s.left {
+		p = p[:s.left]
+	}
+	s.left -= int64(len(p))
+	return s.w.Write(p)
+}
+
+// TestServeIdleTimeout (issue 12 item 6): a peer that stalls mid-push
+// (connection open, nothing sent) must not hold the name's lock forever.
+// serve gives up after the idle timeout with ErrIdle, releases the lock
+// and keeps the checkpoint: the next push resumes past block 0. Before the
+// fix serve waited forever (the test's 30 s guard fired).
+func TestServeIdleTimeout(t *testing.T) {
+	host := &store.Store{Dir: t.TempDir()}
+	img := testImage(5, 8<<20)
+	s2hR, s2hW := io.Pipe()
+	h2sR, h2sW := io.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- ServeIdle(context.Background(), duplex{s2hR, h2sW}, host, 300*time.Millisecond) }()
+	sw := &stallWriter{w: s2hW, left: 5 << 20, release: make(chan struct{})}
+	pushed := make(chan error, 1)
+	go func() {
+		_, err := Push(context.Background(), duplex{h2sR, sw}, source(t, img), Options{Name: "baseline"})
+		pushed <- err
+	}()
+	start := time.Now()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrIdle) {
+			t.Fatalf("serve: got %v, want ErrIdle", err)
+		}
+		t.Logf("serve gave up %s after the stall began", time.Since(start).Round(time.Millisecond))
+	case <-time.After(30 * time.Second):
+		t.Fatal("serve still waiting on a stalled peer after 30 s")
+	}
+	close(sw.release)
+	h2sW.CloseWithError(io.ErrClosedPipe)
+	s2hR.CloseWithError(io.ErrClosedPipe)
+	if err := <-pushed; err == nil {
+		t.Fatal("stalled push succeeded")
+	}
+	l, err := host.Lock("baseline")
+	if err != nil {
+		t.Fatalf("lock after serve gave up: %v", err)
+	}
+	l.Unlock()
+	conn, wait := pipeSession(t, host, 0)
+	st, err := Push(context.Background(), conn, source(t, img), Options{Name: "baseline"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := wait(); err != nil {
+		t.Fatal(err)
+	}
+	if st.ResumedAt == 0 {
+		t.Errorf("second push resumed at block 0: the checkpoint was lost")
+	}
+	t.Logf("resumed at block %d", st.ResumedAt)
+	checkCurrent(t, host, "baseline", img)
 }

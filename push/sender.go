@@ -26,7 +26,18 @@ type hostBlocks struct {
 	exact map[manifest.Hash]loc
 	where map[uint32]loc // prefix -> first location in an indexed generation
 	width int            // bytes of the index's prefixes
+
+	// claimed is how many index entries the host may send: the blocks of
+	// the generations it indexes, by the sizes it gave. keep is how many
+	// the sender keeps (the rest are read and dropped): what the image
+	// being pushed can use, so a host cannot grow the sender's memory
+	// beyond a multiple of the image's size.
+	claimed, keep, kept int64
 }
+
+// indexKeepFactor times the pushed image's blocks is how many index
+// entries the sender keeps.
+const indexKeepFactor = 4
 
 // knownHostBlocks takes the full block lists of the host's generations
 // that h listed as known from the cache.
@@ -45,6 +56,7 @@ func knownHostBlocks(r *reply, h *hello, cache *Cache, st *Stats) *hostBlocks {
 	zero := manifest.ZeroHash()
 	for gi, g := range r.Gens {
 		if !known[g.Digest] {
+			k.claimed += manifest.BlockCount(g.VirtualSize)
 			continue
 		}
 		m, err := cache.Load(g.Digest)
@@ -63,10 +75,11 @@ func knownHostBlocks(r *reply, h *hello, cache *Cache, st *Stats) *hostBlocks {
 }
 
 // readIndex reads the index frames that follow reply r, if any.
-func (k *hostBlocks) readIndex(fr *frameReader, r *reply, st *Stats) error {
+func (k *hostBlocks) readIndex(fr *frameReader, r *reply, srcBlocks int64, st *Stats) error {
 	if r.Index == 0 {
 		return nil
 	}
+	k.keep = indexKeepFactor*srcBlocks + 1<<12
 	var ents []indexEntry
 	for {
 		typ, p, err := fr.next()
@@ -102,9 +115,18 @@ func (k *hostBlocks) addIndex(gen int, ents []indexEntry, r *reply, st *Stats) e
 		st.IndexedGens++
 	}
 	st.IndexEntries += int64(len(ents))
+	if st.IndexEntries > k.claimed {
+		return protoErr("index of %d entries or more, but the generations it covers have %d blocks", st.IndexEntries, k.claimed)
+	}
 	for _, x := range ents {
 		if x.Block >= manifest.BlockCount(r.Gens[gen-1].VirtualSize) {
 			return protoErr("index block %d beyond generation %d", x.Block, gen)
+		}
+		if k.kept >= k.keep {
+			continue
+		}
+		if _, ok := k.at[gen][x.Block]; !ok {
+			k.kept++
 		}
 		k.at[gen][x.Block] = x.Prefix
 		if _, ok := k.where[x.Prefix]; !ok {

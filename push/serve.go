@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"time"
 
 	"github.com/nixvm-image/nixvm-image/manifest"
 	"github.com/nixvm-image/nixvm-image/store"
@@ -15,9 +16,20 @@ import (
 // st. Errors are also sent to the peer when the connection still works.
 // A broken connection leaves a checkpoint, so the next push resumes.
 func Serve(ctx context.Context, conn io.ReadWriter, st *store.Store) error {
-	fr := newFrameReader(conn)
-	fw := newFrameWriter(conn)
-	s := &session{store: st, fr: fr, fw: fw}
+	return ServeIdle(ctx, conn, st, DefaultIdleTimeout)
+}
+
+// ServeIdle is Serve with an idle timeout: when the peer sends no frame,
+// or reads nothing, for that long, the session ends with ErrIdle as if the
+// connection broke (lock released, checkpoint kept for a resume).
+func ServeIdle(ctx context.Context, conn io.ReadWriter, st *store.Store, idle time.Duration) error {
+	if idle <= 0 {
+		idle = DefaultIdleTimeout
+	}
+	ic := newIdleConn(conn, idle)
+	fr := newFrameReader(ic)
+	fw := newFrameWriter(ic)
+	s := &session{store: st, fr: fr, fw: fw, conn: ic}
 	err := s.run(ctx)
 	if err != nil && !s.peerGone {
 		var e enc
@@ -40,6 +52,7 @@ type session struct {
 	fw       *frameWriter
 	e        enc
 	peerGone bool // reading failed: do not try to report
+	conn     *idleConn
 }
 
 func (s *session) read() (byte, []byte, error) {
@@ -50,6 +63,7 @@ func (s *session) read() (byte, []byte, error) {
 		}
 		return 0, nil, err
 	}
+	s.conn.touch()
 	if typ == frameError {
 		s.peerGone = true
 		return 0, nil, decodeError(p)
@@ -154,6 +168,9 @@ func (s *session) push(ctx context.Context, h *hello) (err error) {
 	rc := &receiver{s: s, h: h, l: l, p: p, idx: idx, gens: gens, readers: map[int]*store.Reader{}}
 	defer rc.closeReaders()
 	err = rc.stream(ctx)
+	if errors.Is(err, ErrIdle) {
+		s.peerGone = true // a stalled peer: report nothing, keep what arrived
+	}
 	if err != nil && s.peerGone {
 		// The connection broke: keep what arrived for the next push.
 		if cerr := p.Checkpoint(); cerr != nil {

@@ -8,9 +8,11 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/internal/fsutil"
+	"golang.org/x/sys/unix"
 )
 
 // GCOptions say which generations GC may remove and where to look for the
@@ -25,13 +27,22 @@ type GCOptions struct {
 	// reaches a generation, and for symlinks to one (the compatibility link).
 	ScanDirs []string
 	// Disks, if set, lists more disks to check the same way, such as the
-	// volumes of libvirt pools and the disks of libvirt domains.
-	Disks func(ctx context.Context) ([]string, error)
+	// volumes of libvirt pools and the disks of libvirt domains. A disk
+	// whose Format is "raw" is never read as a qcow2 (a guest owns its
+	// sector 0), wherever GC finds it.
+	Disks func(ctx context.Context) ([]Disk, error)
 	// PartialAge is how long a partial receive no push touched is kept for
 	// a push to resume; 0 means DefaultPartialAge.
 	PartialAge time.Duration
 	// DryRun decides but removes nothing.
 	DryRun bool
+}
+
+// Disk is a disk GC checks: its path, and its format when known ("raw",
+// "qcow2"; "" for unknown).
+type Disk struct {
+	Path   string
+	Format string
 }
 
 // Decision is what GC did (or, with DryRun, would do) to one generation.
@@ -94,7 +105,7 @@ func (s *Store) GC(ctx context.Context, o GCOptions) (_ *GCReport, err error) {
 	if err != nil {
 		return rep, err
 	}
-	users, err := findUsers(ctx, o) // under the locks: no disk appears unseen
+	users, err := s.findUsers(ctx, o) // under the locks: no disk appears unseen
 	if err != nil {
 		return rep, err
 	}
@@ -177,11 +188,30 @@ func decide(g Generation, i, keep int, users []string) Decision {
 }
 
 // findUsers maps each file reachable from the scanned disks (canonical
-// path) to the disks that reach it.
-func findUsers(ctx context.Context, o GCOptions) (map[string][]string, error) {
+// path) to the disks that reach it. Disks listed as raw are never parsed,
+// and a backing file is followed only when it is a regular file inside the
+// store or a scanned directory (a guest can forge a raw disk's header; see
+// chainOf).
+func (s *Store) findUsers(ctx context.Context, o GCOptions) (map[string][]string, error) {
+	var listed []Disk
+	if o.Disks != nil {
+		var err error
+		if listed, err = o.Disks(ctx); err != nil {
+			return nil, err
+		}
+	}
+	w := walker{raw: map[string]bool{}, roots: []string{canonical(s.dir())}}
+	for _, dir := range o.ScanDirs {
+		w.roots = append(w.roots, canonical(dir))
+	}
+	for _, d := range listed {
+		if d.Format == "raw" {
+			w.raw[canonical(d.Path)] = true
+		}
+	}
 	users := map[string][]string{}
 	add := func(disk string) {
-		for _, p := range chain(disk) {
+		for _, p := range w.chain(disk) {
 			users[p] = append(users[p], disk)
 		}
 	}
@@ -190,14 +220,8 @@ func findUsers(ctx context.Context, o GCOptions) (map[string][]string, error) {
 			return nil, err
 		}
 	}
-	if o.Disks != nil {
-		disks, err := o.Disks(ctx)
-		if err != nil {
-			return nil, err
-		}
-		for _, p := range disks {
-			add(p)
-		}
+	for _, d := range listed {
+		add(d.Path)
 	}
 	for k := range users {
 		sort.Strings(users[k])
@@ -228,10 +252,18 @@ func scanDir(dir string, add func(string)) error {
 	return nil
 }
 
+// walker follows backing chains: raw holds the canonical paths of disks
+// known to be raw, roots the directories a backing file may be in.
+type walker struct {
+	raw   map[string]bool
+	roots []string
+}
+
 // chain returns what disk uses: the file a symlink resolves to, and every
 // backing file along its qcow2 chain (canonical paths), not disk itself
-// unless it is reached through a link.
-func chain(disk string) []string {
+// unless it is reached through a link. A raw disk has no chain. A backing
+// file outside the roots, or not a regular file, ends the chain unopened.
+func (w *walker) chain(disk string) []string {
 	var out []string
 	seen := map[string]bool{}
 	cur := canonical(disk)
@@ -240,8 +272,14 @@ func chain(disk string) []string {
 	}
 	seen[cur] = true
 	for range maxChain {
+		if w.raw[cur] {
+			return out
+		}
 		next, ok := backingOf(cur)
-		if !ok || seen[next] {
+		if !ok || seen[next] || !w.inRoots(next) {
+			return out
+		}
+		if fi, err := os.Lstat(next); err != nil || !fi.Mode().IsRegular() {
 			return out
 		}
 		seen[next] = true
@@ -251,15 +289,34 @@ func chain(disk string) []string {
 	return out
 }
 
+// inRoots reports whether canonical path p is below one of the roots.
+func (w *walker) inRoots(p string) bool {
+	for _, r := range w.roots {
+		if rel, err := filepath.Rel(r, p); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") && rel != "." {
+			return true
+		}
+	}
+	return false
+}
+
 // backingOf returns the canonical path of the backing file of the qcow2
-// at path, if it has one.
+// at path, if it has one. It opens path without following a last symlink
+// and without blocking (a FIFO or a device with side effects on read must
+// not stall or trigger anything), and reads only a regular file or a block
+// device (an LV holding a qcow2).
 func backingOf(path string) (string, bool) {
-	f, err := os.Open(path)
+	if !readable(path) { // opening some devices has effects (a watchdog)
+		return "", false
+	}
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_NOCTTY, 0)
 	if err != nil {
 		return "", false
 	}
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil || !diskType(fi.Mode()) {
+		return "", false
+	}
 	name, err := BackingFile(f)
-	f.Close()
 	if err != nil || name == "" {
 		return "", false
 	}
@@ -267,6 +324,17 @@ func backingOf(path string) (string, bool) {
 		name = filepath.Join(filepath.Dir(path), name)
 	}
 	return canonical(name), true
+}
+
+// readable reports whether path (not following a last symlink) is a file
+// or block device, the only kinds of disk GC opens.
+func readable(path string) bool {
+	fi, err := os.Lstat(path)
+	return err == nil && diskType(fi.Mode())
+}
+
+func diskType(m fs.FileMode) bool {
+	return m.IsRegular() || m&fs.ModeDevice != 0 && m&fs.ModeCharDevice == 0
 }
 
 // canonical resolves symlinks where it can (so /dev/VG/LV matches /dev/dm-3).

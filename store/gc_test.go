@@ -2,6 +2,7 @@ package store
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
+	"golang.org/x/sys/unix"
 )
 
 func run(t testing.TB, argv ...string) {
@@ -61,15 +63,18 @@ func TestGC(t *testing.T) {
 	if err := os.Symlink(gens[0], filepath.Join(scan, "baseline.qcow2")); err != nil {
 		t.Fatal(err)
 	}
-	// top (scanned) -> mid (not scanned, named relatively) -> gens[1].
-	mid := filepath.Join(t.TempDir(), "mid.qcow2")
+	// top (scanned) -> mid (in another scanned directory, named
+	// relatively) -> gens[1]. A chain is followed only through files in the
+	// store and the scanned directories (issue 12 item 1).
+	scan2 := t.TempDir()
+	mid := filepath.Join(scan2, "mid.qcow2")
 	run(t, qimg, "create", "-q", "-f", "qcow2", "-b", gens[1], "-F", "qcow2", mid)
 	top := filepath.Join(scan, "sub", "top.qcow2")
 	os.MkdirAll(filepath.Dir(top), 0o755)
 	rel, _ := filepath.Rel(filepath.Dir(top), mid)
 	run(t, qimg, "create", "-q", "-f", "qcow2", "-b", rel, "-F", "qcow2", top)
 
-	o := GCOptions{Names: []string{"baseline"}, Keep: 2, ScanDirs: []string{scan}, DryRun: true}
+	o := GCOptions{Names: []string{"baseline"}, Keep: 2, ScanDirs: []string{scan, scan2}, DryRun: true}
 	rep, err := s.GC(context.Background(), o)
 	if err != nil {
 		t.Fatal(err)
@@ -122,14 +127,14 @@ func TestGCDisks(t *testing.T) {
 	g3 := put(t, s, "baseline", testImage(3, mib))
 	ov := filepath.Join(t.TempDir(), "vm.qcow2")
 	run(t, qimg, "create", "-q", "-f", "qcow2", "-b", g1.Path, "-F", "qcow2", ov)
-	failing := func(context.Context) ([]string, error) { return nil, errors.New("virsh broke") }
+	failing := func(context.Context) ([]Disk, error) { return nil, errors.New("virsh broke") }
 	if _, err := s.GC(context.Background(), GCOptions{Disks: failing}); err == nil || !strings.Contains(err.Error(), "virsh broke") {
 		t.Fatalf("gc with a failing disk list: got %v", err)
 	}
 	if left, _ := s.List("baseline"); len(left) != 3 {
 		t.Fatalf("a failed gc removed generations: %d left", len(left))
 	}
-	disks := func(context.Context) ([]string, error) { return []string{ov, "/nonexistent/disk"}, nil }
+	disks := func(context.Context) ([]Disk, error) { return []Disk{{Path: ov}, {Path: "/nonexistent/disk"}}, nil }
 	rep, err := s.GC(context.Background(), GCOptions{Disks: disks})
 	if err != nil {
 		t.Fatal(err)
@@ -318,5 +323,75 @@ func TestUse(t *testing.T) {
 	u1.Release()
 	if _, err := s.Use(context.Background(), "nothere"); !errors.Is(err, ErrNoCurrent) {
 		t.Errorf("Use of a missing name: got %v, want ErrNoCurrent", err)
+	}
+}
+
+// fakeHeader is a qcow2 header naming backing as its backing file, as a
+// guest can write to sector 0 of its raw disk.
+func fakeHeader(backing string) []byte {
+	b := make([]byte, 4096)
+	copy(b, "QFI\xfb")
+	binary.BigEndian.PutUint32(b[4:], 3)
+	binary.BigEndian.PutUint64(b[8:], 512)
+	binary.BigEndian.PutUint32(b[16:], uint32(len(backing)))
+	copy(b[512:], backing)
+	return b
+}
+
+// TestGCGuestHeaders (issue 12 item 1): raw disks whose first sector a
+// guest forged into a qcow2 header must not make gc open what it names: a
+// FIFO in a scanned directory (gc would hang), a file outside the store
+// (here an overlay that reaches a generation: following it keeps that
+// generation), and, for a disk libvirt says is raw, a generation itself.
+// gc runs under a timeout. Before the fix gc hung on the FIFO.
+func TestGCGuestHeaders(t *testing.T) {
+	qimg := testutil.NeedTool(t, "qemu-img")[0]
+	s := newStore(t)
+	g1 := put(t, s, "baseline", testImage(1, mib))
+	g2 := put(t, s, "baseline", testImage(2, mib))
+	put(t, s, "baseline", testImage(3, mib))
+	scan, outside := t.TempDir(), t.TempDir()
+	fifo := filepath.Join(scan, "fifo")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ov := filepath.Join(outside, "elsewhere.qcow2")
+	run(t, qimg, "create", "-q", "-f", "qcow2", "-b", g1.Path, "-F", "qcow2", ov)
+	for name, target := range map[string]string{"to-fifo.raw": fifo, "to-outside.raw": ov} {
+		if err := os.WriteFile(filepath.Join(scan, name), fakeHeader(target), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rawDisk := filepath.Join(outside, "libvirt-raw.img")
+	if err := os.WriteFile(rawDisk, fakeHeader(g2.Path), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	disks := func(context.Context) ([]Disk, error) { return []Disk{{Path: rawDisk, Format: "raw"}}, nil }
+	type result struct {
+		rep *GCReport
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		rep, err := s.GC(context.Background(), GCOptions{ScanDirs: []string{scan}, Disks: disks})
+		done <- result{rep, err}
+	}()
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(20 * time.Second):
+		// Unblock the hung open so the test process can end.
+		if f, err := os.OpenFile(fifo, os.O_WRONLY, 0); err == nil {
+			f.Close()
+		}
+		t.Fatal("gc hung on a FIFO named by a raw disk's forged header")
+	}
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	for _, d := range r.rep.Decisions {
+		if !d.Gen.Current && !d.Remove {
+			t.Errorf("%s kept (%s, users %q): a forged header was followed", d.Gen.Path, d.Reason, d.Users)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/nixvm-image/nixvm-image/internal/fsutil"
 	"golang.org/x/sys/unix"
@@ -86,6 +87,9 @@ func (l *Lock) Activate(digest [32]byte, link string) error {
 	if err := os.MkdirAll(filepath.Dir(link), 0o755); err != nil {
 		return fmt.Errorf("%w %s: %w", ErrLink, link, err)
 	}
+	if err := l.s.replaceableLink(link); err != nil {
+		return err
+	}
 	if err := replaceSymlink(abs, link); err != nil {
 		return fmt.Errorf("%w %s: %w", ErrLink, link, err)
 	}
@@ -111,6 +115,54 @@ func (l *Lock) Remove(g Generation) error {
 		}
 	}
 	return fsutil.SyncDir(l.dir)
+}
+
+// replaceableLink checks that the compatibility link may be put at path:
+// nothing is there, or a symlink into the store, or a dangling one. Anything
+// else (a guest's disk file, a directory, a link elsewhere) is refused by
+// name and left as it is.
+func (s *Store) replaceableLink(path string) error {
+	fi, err := os.Lstat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("%w %s: %w", ErrLink, path, err)
+	}
+	if fi.Mode()&os.ModeSymlink == 0 {
+		return fmt.Errorf("%w %s: it is a %s, not a symlink; only a symlink into the store (or a dangling one) is replaced: move it away or give another --link", ErrLink, path, kind(fi.Mode()))
+	}
+	target, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return nil // dangling
+	}
+	root, err := filepath.EvalSymlinks(s.dir())
+	if err != nil {
+		root = filepath.Clean(s.dir())
+	}
+	if rel, err := filepath.Rel(root, target); err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, "../") {
+		return nil
+	}
+	return fmt.Errorf("%w %s: it is a symlink to %s, outside the store %s; only a symlink into the store (or a dangling one) is replaced: remove it or give another --link", ErrLink, path, target, root)
+}
+
+// kind names a file type for messages.
+func kind(m os.FileMode) string {
+	switch {
+	case m.IsRegular():
+		return "regular file"
+	case m.IsDir():
+		return "directory"
+	case m&os.ModeCharDevice != 0:
+		return "character device"
+	case m&os.ModeDevice != 0:
+		return "block device"
+	case m&os.ModeNamedPipe != 0:
+		return "FIFO"
+	case m&os.ModeSocket != 0:
+		return "socket"
+	}
+	return "special file"
 }
 
 // replaceSymlink atomically makes path a symlink to target.

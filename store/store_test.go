@@ -14,6 +14,7 @@ import (
 
 	"github.com/nixvm-image/nixvm-image/manifest"
 	"github.com/nixvm-image/nixvm-image/testkit/testutil"
+	"golang.org/x/sys/unix"
 )
 
 const mib = 1 << 20
@@ -213,6 +214,53 @@ func TestActivate(t *testing.T) {
 	}
 	if cur, _ := s.Current("baseline"); cur.Path != g2.Path {
 		t.Errorf("current: got %s, want %s", cur.Path, g2.Path)
+	}
+}
+
+// TestActivateLinkRefuses (issue 12 item 4): the compatibility link
+// replaces only a symlink into the store or a dangling one; a regular file
+// (a guest's disk), a directory, a FIFO and a symlink elsewhere are refused
+// by name and left as they were. Before the fix the regular file was
+// renamed over.
+func TestActivateLinkRefuses(t *testing.T) {
+	s := newStore(t)
+	g1 := put(t, s, "baseline", testImage(1, mib))
+	g2 := put(t, s, "baseline", testImage(2, mib))
+	l, err := s.Lock("baseline")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Unlock()
+	dir := t.TempDir()
+	disk := filepath.Join(dir, "guest-disk.qcow2")
+	os.WriteFile(disk, []byte("a guest's disk"), 0o600)
+	os.Mkdir(filepath.Join(dir, "a-dir"), 0o755)
+	unix.Mkfifo(filepath.Join(dir, "fifo"), 0o600)
+	os.Symlink(disk, filepath.Join(dir, "elsewhere"))
+	for _, name := range []string{"guest-disk.qcow2", "a-dir", "fifo", "elsewhere"} {
+		p := filepath.Join(dir, name)
+		before, _ := os.Lstat(p)
+		err := l.Activate(g1.Digest, p)
+		if !errors.Is(err, ErrLink) || !strings.Contains(err.Error(), p) {
+			t.Errorf("%s: got %v, want ErrLink naming it", name, err)
+		}
+		if after, _ := os.Lstat(p); after == nil || after.Mode() != before.Mode() || !os.SameFile(before, after) {
+			t.Errorf("%s was replaced", name)
+		}
+	}
+	if b, _ := os.ReadFile(disk); string(b) != "a guest's disk" {
+		t.Errorf("guest disk changed: now %d bytes", len(b))
+	}
+	// A dangling link and a link into the store are replaced.
+	for _, target := range []string{filepath.Join(dir, "gone"), g2.Path} {
+		p := filepath.Join(dir, "link-"+filepath.Base(target))
+		os.Symlink(target, p)
+		if err := l.Activate(g1.Digest, p); err != nil {
+			t.Errorf("link to %s: %v", target, err)
+		}
+		if got, _ := filepath.EvalSymlinks(p); got != g1.Path {
+			t.Errorf("link to %s: now %q, want %s", target, got, g1.Path)
+		}
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -137,6 +138,9 @@ func runProvision(ctx context.Context, o *provisionOptions, c Context, args []st
 // request turns the flags into a provision request, without its image.
 func (o *provisionOptions) request() (provision.Request, error) {
 	req := provision.Request{Guest: o.Guest, Force: o.Force, Target: o.Target, Pool: o.Pool, Volume: o.Volume}
+	if o.StoreDir != "" {
+		req.StateDir = filepath.Join(o.StoreDir, ".provision")
+	}
 	if o.Guest == "" {
 		return req, usagef("--guest is required")
 	}
@@ -213,6 +217,9 @@ func (o *provisionOptions) report(c Context, req provision.Request, res provisio
 	if !res.Created {
 		fmt.Fprintf(c.Stdout, "%s exists, left untouched (--force recreates it)\n", res.Path)
 		return
+	}
+	if res.Redone {
+		fmt.Fprintf(c.Stdout, "%s was left incomplete by a provision cut short: made it again\n", res.Path)
 	}
 	switch req.Kind {
 	case provision.Overlay:

@@ -49,7 +49,9 @@ func (o *remoteOptions) sshArgv(host string) ([]string, error) {
 	return append(argv, host, remote), nil
 }
 
-// tailBuffer keeps the last 4 KiB written (the remote's stderr).
+// tailBuffer keeps the last 4 KiB written (the remote's stderr); String
+// strips what could drive the user's terminal (escape sequences, control
+// characters): the host is not trusted to write there.
 type tailBuffer struct {
 	mu sync.Mutex
 	b  []byte
@@ -68,7 +70,7 @@ func (t *tailBuffer) Write(p []byte) (int, error) {
 func (t *tailBuffer) String() string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return strings.TrimSpace(string(t.b))
+	return strings.TrimSpace(push.Sanitize(string(t.b), true))
 }
 
 type pipeConn struct {
